@@ -1,0 +1,1 @@
+"""The static layer: LibCST ownership analysis, rules, fixes, CLI and flake8 adapter."""

@@ -1,0 +1,1 @@
+"""pre-commit entry points: the check hook and the fix hook."""

@@ -1,0 +1,1 @@
+"""The runtime layer: a pytest plugin that provisions PostgreSQL and counts connections per test."""

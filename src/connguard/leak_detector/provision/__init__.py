@@ -1,0 +1,1 @@
+"""Database provisioning: an existing server, a testcontainers container, or a local cluster."""
