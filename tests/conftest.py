@@ -1,0 +1,3 @@
+"""Shared test configuration: plugin tests run small projects with pytester."""
+
+pytest_plugins = ["pytester"]
