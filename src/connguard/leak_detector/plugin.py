@@ -1,0 +1,308 @@
+"""pytest hooks of `--leak-check`: provision PostgreSQL, give each worker a database, clean up.
+
+Silent until asked: without --leak-check this module registers options and markers and nothing
+else (no driver import, no server). With it:
+
+1. pytest_configure (tryfirst): the process that owns the run (plain pytest, or the xdist
+   controller) chooses a backend and starts a server; xdist workers receive the server through
+   `workerinput["connguard"]`. Every process that runs tests creates its own database and, if
+   `leak_check_url_env` names a variable, sets it to that database's URL before collection.
+2. It registers `connguard.leak_detector.detect.LeakDetector(config, database)` as plugin
+   "connguard-leak-detector" (skipped while that module does not exist). On the xdist
+   controller, which runs no tests, `database` is None.
+3. pytest_unconfigure (trylast), after the detector has counted: drop the databases, stop the
+   server, remove the temporary directory or container.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from . import settings
+
+RUN_KEY = pytest.StashKey["LeakCheckRun"]()
+WORKERINPUT_KEY = "connguard"
+BACKEND_ORDER = ("url", "container", "local")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    settings.add_options(parser)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "leak_check(mode=..., pool_threshold=..., fail_on=...): "
+        "override connguard leak-check settings for one test",
+    )
+    config.addinivalue_line(
+        "markers",
+        "allow_connection_leak(reason): this test leaves a connection open on purpose",
+    )
+    if config.option.help or config.option.version:
+        return
+    if not settings.resolve(config, "leak_check"):
+        return
+    settings.validate_all(config)
+    run = LeakCheckRun(config)
+    config.stash[RUN_KEY] = run
+    config.pluginmanager.register(run, "connguard-provision")
+    run.start()
+    _register_detector(config, run.database)
+
+
+def _register_detector(config: pytest.Config, database) -> None:
+    try:
+        from .detect import LeakDetector
+    except ModuleNotFoundError as error:
+        if error.name == f"{__package__}.detect":
+            return  # provisioning works alone while the detector is being built
+        raise
+    config.pluginmanager.register(LeakDetector(config, database), "connguard-leak-detector")
+
+
+def _run_of(config: pytest.Config) -> LeakCheckRun | None:
+    return config.stash.get(RUN_KEY, None)
+
+
+@pytest.fixture(scope="session")
+def connguard_server(request: pytest.FixtureRequest):
+    """The provisioned server: `.url` (admin URL), `.version`, `.backend`."""
+    run = _run_of(request.config)
+    if run is None or run.server is None:
+        pytest.fail("connguard_server needs --leak-check (or CONNGUARD_LEAK_CHECK=1)", False)
+    return run.server
+
+
+@pytest.fixture
+def connguard_database(request: pytest.FixtureRequest):
+    """This test's database: `.url` (libpq), `.sqlalchemy_url("asyncpg" | "psycopg")`."""
+    run = _run_of(request.config)
+    if run is None or run.database is None:
+        pytest.fail("connguard_database needs --leak-check (or CONNGUARD_LEAK_CHECK=1)", False)
+    if run.per_test:
+        return run.database_for_test(request.node)
+    return run.database
+
+
+class LeakCheckRun:
+    """One process's share of a --leak-check run: its server (if it owns one) and database."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.workerinput = getattr(config, "workerinput", None)
+        self.worker_id = self.workerinput["workerid"] if self.workerinput else "main"
+        numprocesses = getattr(config.option, "numprocesses", None) or 0
+        dist = getattr(config.option, "dist", "no")
+        self.is_controller = self.workerinput is None and dist != "no" and numprocesses != 0
+        self.workers = int(numprocesses) if self.is_controller else 1
+        self.per_test = settings.resolve(config, "leak_check_db_per_test")
+        self.url_env = settings.resolve(config, "leak_check_url_env")
+        self.provider = None
+        self.server = None
+        self.database = None
+        self.tag: str | None = None
+        self._template: str | None = None
+        self._test_dbs: dict[str, list[str]] = {}
+        self._test_counter = 0
+        self._records: list[Path] = []
+        self._saved_env: tuple[str, str | None] | None = None
+        self._saved_sigterm = None
+        self._done = False
+
+    # -- start
+
+    def start(self) -> None:
+        from .provision import Server, run_tag
+
+        atexit.register(self.finish)
+        self._convert_sigterm()
+        shared = (self.workerinput or {}).get(WORKERINPUT_KEY)
+        if shared:
+            self.server = Server.from_dict(shared["server"])
+            self.tag = shared["tag"]
+        else:
+            self.tag = run_tag()
+            self.server = self._provision()
+        if not self.is_controller:
+            self.database = self._create_database()
+            if self.url_env:
+                self._saved_env = (self.url_env, os.environ.get(self.url_env))
+                os.environ[self.url_env] = self.database.plain_url
+
+    def _provision(self):
+        from .provision import ProvisionError, janitor
+
+        janitor.reap_stale()
+        choice = settings.resolve(self.config, "leak_check_db")
+        names = BACKEND_ORDER if choice == "auto" else (choice,)
+        failures: list[str] = []
+        for name in names:
+            provider = self._make_provider(name)
+            try:
+                reason = provider.unavailable_reason()
+                if reason is None:
+                    self.provider = provider
+                    server = provider.start()
+                    janitor.reap_stale(admin_url=server.url)
+                    return server
+            except ProvisionError as error:
+                reason = str(error)
+                provider.stop()
+                self.provider = None
+            failures.append(f"{name}: {reason}")
+        if len(names) == 1:
+            raise pytest.UsageError(
+                f"connguard: the {names[0]} backend failed: " + failures[0].split(": ", 1)[1]
+            )
+        raise pytest.UsageError(
+            "connguard: no PostgreSQL server for --leak-check; tried\n  " + "\n  ".join(failures)
+        )
+
+    def _make_provider(self, name: str):
+        max_connections = min(1000, max(100, 50 * self.workers + 20))
+        if name == "url":
+            from .provision.external import ExternalProvider
+
+            return ExternalProvider(settings.resolve(self.config, "leak_check_db_url"))
+        if name == "container":
+            from .provision.container import ContainerProvider
+
+            return ContainerProvider(
+                image=settings.resolve(self.config, "leak_check_image"),
+                network=settings.resolve(self.config, "leak_check_network"),
+                max_connections=max_connections,
+            )
+        from .provision.local import LocalProvider
+
+        return LocalProvider(max_connections=max_connections)
+
+    def _create_database(self):
+        from .provision import Database, janitor, with_database, with_query
+
+        worker = self.worker_id.replace("-", "_")
+        dbname = f"connguard_{self.tag}_{worker}".lower()
+        application_name = f"connguard-{self.tag}-{worker}"
+        self._records.append(
+            janitor.register(
+                f"db-{dbname}",
+                kind="database",
+                dbname=dbname,
+                server=janitor.server_identity(self.server.url),
+            )
+        )
+        janitor.create_database(self.server.url, dbname)
+        if self.per_test:
+            self._template = dbname + "_tpl"
+            self._records.append(
+                janitor.register(
+                    f"db-{self._template}",
+                    kind="database",
+                    dbname=self._template,
+                    server=janitor.server_identity(self.server.url),
+                )
+            )
+            janitor.create_database(self.server.url, self._template)
+        url = with_query(with_database(self.server.url, dbname), application_name=application_name)
+        return Database(
+            url=url,
+            dbname=dbname,
+            application_name=application_name,
+            admin_url=with_query(self.server.url, application_name=application_name + "-admin"),
+            server_version=self.server.version,
+            backend=self.server.backend,
+        )
+
+    def database_for_test(self, item: pytest.Item):
+        """A fresh clone of the (empty) template database, dropped after the test's report."""
+        from .provision import janitor
+
+        self._test_counter += 1
+        dbname = f"{self.database.dbname}_t{self._test_counter}"
+        janitor.create_database(self.server.url, dbname, template=self._template)
+        self._test_dbs.setdefault(item.nodeid, []).append(dbname)
+        return self.database.derive(dbname)
+
+    # -- hooks
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node) -> None:
+        node.workerinput[WORKERINPUT_KEY] = {"server": self.server.to_dict(), "tag": self.tag}
+
+    def pytest_report_header(self, config: pytest.Config) -> str:
+        server = self.server
+        mode = settings.resolve(config, "leak_check_mode")
+        extra = ""
+        if server.backend == "local":
+            extra = f" (initdb cache {server.details.get('initdb_cache', '?')})"
+        elif server.backend == "container":
+            extra = f" ({server.details.get('image', '?')}, {server.details.get('network', '?')})"
+        where = self.database.masked_url if self.database else server.masked_url
+        return (
+            f"connguard: leak check on, backend {server.backend}{extra}, "
+            f"PostgreSQL {server.version}, mode {mode}, {where}"
+        )
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        # After the test's teardown report: the detector has counted its connections.
+        dbnames = self._test_dbs.pop(nodeid, None)
+        if dbnames:
+            from .provision import janitor
+
+            with contextlib.suppress(Exception):
+                janitor.drop_databases(self.server.url, dbnames)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.finish()
+
+    # -- the janitor
+
+    def finish(self) -> None:
+        """Drop our databases and stop our server; idempotent, never raises."""
+        if self._done:
+            return
+        self._done = True
+        from .provision import janitor
+
+        if self.server is not None and self.database is not None:
+            dbnames = [self.database.dbname]
+            dbnames += [name for names in self._test_dbs.values() for name in names]
+            if self._template:
+                dbnames.append(self._template)
+            with contextlib.suppress(Exception):
+                janitor.drop_databases(self.server.url, dbnames)
+        for record in self._records:
+            janitor.unregister(record)
+        if self.provider is not None:
+            with contextlib.suppress(Exception):
+                self.provider.stop()
+        if self._saved_env is not None:
+            name, value = self._saved_env
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if self._saved_sigterm is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, self._saved_sigterm)
+        atexit.unregister(self.finish)
+
+    def _convert_sigterm(self) -> None:
+        # A CI runner cancels with SIGTERM; as KeyboardInterrupt it unwinds through
+        # pytest's own cleanup, and so through ours.
+        with contextlib.suppress(ValueError):  # not the main thread
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                self._saved_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -1,0 +1,229 @@
+"""The container backend: testcontainers' PostgresContainer, on bridge or host networking.
+
+testcontainers and the docker SDK come with the extra `connguard[containers]` and are imported
+only here. Before this backend is chosen it checks that the engine answers (with a short timeout,
+so a missing engine never hangs a run) and that the image is present or pullable, because
+testcontainers would otherwise block in a pull. Under host networking there is no port mapping:
+the server listens on a free port of ours (PGPORT) and that is the port we report.
+
+Containers carry our labels (owner host, pid and process start time), so a later run removes
+what a killed run left even when Ryuk, testcontainers' own reaper, is disabled or unavailable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+
+from . import ProvisionError, Server, free_port, janitor, make_url
+
+LABEL_PREFIX = "org.connguard"
+ENGINE_TIMEOUT = 3  # seconds for a ping; a missing engine must not hang the run
+USER = "connguard"
+PASSWORD = "connguard"
+# Durability off: nothing in a test server needs to survive a crash.
+SPEED_ARGS = ("-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
+
+
+def _docker_client(timeout: float = ENGINE_TIMEOUT, docker_host: str | None = None):
+    try:
+        import docker
+    except ImportError:
+        raise ProvisionError(
+            "the docker SDK is not installed (pip install 'connguard[containers]')"
+        ) from None
+    try:
+        if docker_host:
+            client = docker.DockerClient(base_url=docker_host, timeout=timeout)
+        else:
+            client = docker.from_env(timeout=timeout)
+        client.ping()
+    except Exception as error:  # the SDK raises several unrelated types for "no engine"
+        raise ProvisionError(f"no Docker engine answers: {_one_line(error)}") from None
+    return client
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]
+
+
+def remove_container(container_id: str, docker_host: str | None = None) -> None:
+    """Remove a container by id; already gone counts as done. Raises ProvisionError if the
+    engine cannot be reached (the caller keeps its record and retries later)."""
+    client = _docker_client(docker_host=docker_host)
+    import docker
+
+    try:
+        client.containers.get(container_id).remove(force=True, v=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as error:
+        if "already in progress" not in str(error):
+            raise ProvisionError(f"cannot remove container: {_one_line(error)}") from None
+    finally:
+        client.close()
+
+
+def reap_labelled(client) -> list[str]:
+    """Remove containers of ours on this host whose owning process is gone."""
+    reaped = []
+    host = socket.gethostname()
+    for container in client.containers.list(
+        all=True, filters={"label": f"{LABEL_PREFIX}.owner-host={host}"}
+    ):
+        labels = container.labels
+        record = {
+            "owner_pid": labels.get(f"{LABEL_PREFIX}.owner-pid", "0"),
+            "owner_start": labels.get(f"{LABEL_PREFIX}.owner-start"),
+        }
+        if not janitor.owner_alive(record):
+            with contextlib.suppress(Exception):
+                container.remove(force=True, v=True)
+                reaped.append(f"container {container.short_id}")
+    return reaped
+
+
+class ContainerProvider:
+    name = "container"
+
+    def __init__(self, *, image: str, network: str = "bridge", max_connections: int = 100) -> None:
+        self.image = image
+        self.network = network
+        self.max_connections = max_connections
+        self.container = None
+        self._record = None
+        self._client = None
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import testcontainers  # noqa: F401
+        except ImportError:
+            return "testcontainers is not installed (pip install 'connguard[containers]')"
+        try:
+            self._client = _docker_client()
+        except ProvisionError as error:
+            return str(error)
+        return self._image_problem()
+
+    def _image_problem(self) -> str | None:
+        import docker
+
+        try:
+            self._client.images.get(self.image)
+            return None
+        except docker.errors.ImageNotFound:
+            pass
+        except docker.errors.APIError as error:
+            return f"cannot inspect image {self.image}: {_one_line(error)}"
+        try:
+            self._client.images.get_registry_data(self.image)
+        except Exception as error:
+            return f"image {self.image} is not present and not pullable: {_one_line(error)}"
+        return None
+
+    def start(self) -> Server:
+        if self._client is None:
+            reason = self.unavailable_reason()
+            if reason:
+                raise ProvisionError(reason)
+        reap_labelled(self._client)
+        container = self._build()
+        self.container = container
+        try:
+            container.start()
+        except Exception as error:
+            raise ProvisionError(f"container did not start: {_one_line(error)}") from None
+        finally:
+            if container._container is not None:
+                self._remember(container._container.id)
+        return self._server(container)
+
+    def _build(self):
+        from testcontainers.community.postgres import PostgresContainer
+
+        me = os.getpid()
+        labels = {
+            f"{LABEL_PREFIX}": "true",
+            f"{LABEL_PREFIX}.owner-host": socket.gethostname(),
+            f"{LABEL_PREFIX}.owner-pid": str(me),
+            f"{LABEL_PREFIX}.owner-start": janitor.process_start(me) or "",
+        }
+        command = ["postgres", "-c", f"max_connections={self.max_connections}", *SPEED_ARGS]
+        if self.network == "host":
+            # No port mapping under host networking: the server takes a free port of ours.
+            self.port = free_port()
+            container = PostgresContainer(
+                self.image,
+                port=self.port,
+                username=USER,
+                password=PASSWORD,
+                dbname="postgres",
+                driver=None,
+            )
+            container.with_env("PGPORT", str(self.port))
+            container.with_kwargs(network_mode="host", network=None, labels=labels)
+            command += ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port)]
+        else:
+            container = PostgresContainer(
+                self.image, username=USER, password=PASSWORD, dbname="postgres", driver=None
+            )
+            container.with_kwargs(labels=labels)
+        container.with_command(command)
+        container.with_name(f"connguard-{me}-{os.urandom(3).hex()}")
+        return container
+
+    def _remember(self, container_id: str) -> None:
+        docker_host = os.environ.get("DOCKER_HOST")
+        self._record = janitor.register(
+            f"container-{container_id[:12]}",
+            kind="container",
+            container_id=container_id,
+            docker_host=docker_host,
+        )
+
+    def _server(self, container) -> Server:
+        if self.network == "host":
+            host, port = "127.0.0.1", self.port
+        else:
+            host = container.get_container_host_ip()
+            port = int(container.get_exposed_port(5432))
+        url = make_url(USER, PASSWORD, host, port, "postgres")
+        version, _ = self._wait_for_server(url)
+        return Server(
+            backend=self.name,
+            url=url,
+            version=version,
+            max_connections=self.max_connections,
+            details={
+                "image": self.image,
+                "network": self.network,
+                "container_id": container._container.id,
+            },
+        )
+
+    @staticmethod
+    def _wait_for_server(url: str) -> tuple[str, int]:
+        # The in-container readiness probe can pass before the host-side port answers.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return janitor.server_facts(url)
+            except ProvisionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        container, self.container = self.container, None
+        if container is not None and container._container is not None:
+            with contextlib.suppress(Exception):
+                container._container.remove(force=True, v=True)
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+        janitor.unregister(self._record)
+        self._record = None

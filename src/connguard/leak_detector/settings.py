@@ -1,0 +1,331 @@
+"""Every `--leak-check` setting, its one name in each source, and the one resolver.
+
+A setting named ``leak_check_x_y`` is read, first hit wins, from
+marker ``@pytest.mark.leak_check(x_y=...)`` (only where ``per_test``) > command line
+``--leak-check-x-y`` > environment ``CONNGUARD_LEAK_CHECK_X_Y`` > ini ``leak_check_x_y`` >
+default. A value that does not parse is a ``pytest.UsageError`` that names where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+MARKER = "leak_check"
+_OPTION_GROUP = "connguard"
+
+
+class SettingError(ValueError):
+    """A value that a setting's parser rejects; the message says what was expected."""
+
+
+# -- parsers: each takes the raw value (a str, or a Python value from a marker or a TOML ini)
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise SettingError("expected a boolean (1/0, true/false, yes/no, on/off)")
+
+
+def choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise SettingError("expected one of " + ", ".join(choices))
+        return text
+
+    return parse
+
+
+def parse_text(value: Any) -> str | None:
+    text = str(value).strip()
+    return text or None
+
+
+def parse_env_name(value: Any) -> str | None:
+    text = str(value).strip()
+    if not text:
+        return None
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+        raise SettingError("expected an environment variable name such as DATABASE_URL")
+    return text
+
+
+def parse_db_url(value: Any) -> str | None:
+    text = str(value).strip()
+    if not text:
+        return None
+    if not re.match(r"postgres(ql)?(\+\w+)?://", text):
+        raise SettingError("expected a URL such as postgresql://user:password@host:5432/postgres")
+    return text
+
+
+def parse_fraction(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingError("expected a number between 0 and 1, such as 0.7") from None
+    if not 0.0 < number <= 1.0:
+        raise SettingError("expected a number between 0 and 1, such as 0.7")
+    return number
+
+
+def comma_set(*choices: str) -> Callable[[Any], frozenset[str]]:
+    def parse(value: Any) -> frozenset[str]:
+        if isinstance(value, (list, tuple, set, frozenset)):
+            parts = [str(part).strip().lower() for part in value]
+        else:
+            parts = [part.strip().lower() for part in str(value).split(",")]
+        parts = [part for part in parts if part]
+        unknown = [part for part in parts if part not in choices]
+        if unknown:
+            raise SettingError("expected a comma list of " + ", ".join(choices))
+        return frozenset(parts)
+
+    return parse
+
+
+# -- the table
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # leak_check_x_y
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    per_test: bool = False  # a @pytest.mark.leak_check(x_y=...) may override it for one test
+    flag: bool = False  # a bare command-line switch (store_true)
+    extra_env: tuple[str, ...] = ()  # further variables read after the canonical one
+    metavar: str | None = None
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "CONNGUARD_" + self.name.upper()
+
+    @property
+    def dest(self) -> str:
+        return "connguard_" + self.name
+
+    @property
+    def marker_key(self) -> str:
+        return self.name.removeprefix("leak_check_")
+
+
+FAIL_ON_CHOICES = ("engine", "idle-in-transaction", "pool-threshold")
+DEFAULT_IMAGE = "postgres:16-alpine"
+
+SETTINGS: dict[str, Setting] = {
+    setting.name: setting
+    for setting in (
+        Setting(
+            "leak_check",
+            parse_bool,
+            False,
+            "provision PostgreSQL and fail tests that leave database connections open",
+            flag=True,
+        ),
+        Setting(
+            "leak_check_db",
+            choice("auto", "url", "container", "local"),
+            "auto",
+            "where the server comes from: url, container, local, or auto (tries them in order)",
+            metavar="auto|url|container|local",
+        ),
+        Setting(
+            "leak_check_db_url",
+            parse_db_url,
+            None,
+            "an existing server for the url backend (also read from CONNGUARD_DATABASE_URL); "
+            "connguard creates and drops its own database there",
+            extra_env=("CONNGUARD_DATABASE_URL",),
+            metavar="URL",
+        ),
+        Setting(
+            "leak_check_image",
+            parse_text,
+            DEFAULT_IMAGE,
+            f"image for the container backend (default {DEFAULT_IMAGE})",
+            metavar="IMAGE",
+        ),
+        Setting(
+            "leak_check_network",
+            choice("bridge", "host"),
+            "bridge",
+            "container network mode: bridge (port mapped) or host (Docker-in-Docker style CI)",
+            metavar="bridge|host",
+        ),
+        Setting(
+            "leak_check_url_env",
+            parse_env_name,
+            None,
+            "environment variable set to the run's database URL before collection, "
+            "e.g. DATABASE_URL",
+            metavar="NAME",
+        ),
+        Setting(
+            "leak_check_db_per_test",
+            parse_bool,
+            False,
+            "give each test a fresh database cloned from a template",
+            flag=True,
+        ),
+        Setting(
+            "leak_check_mode",
+            choice("fail", "warn"),
+            "fail",
+            "fail: a leaking test errors at teardown; warn: it is only reported",
+            per_test=True,
+            metavar="fail|warn",
+        ),
+        Setting(
+            "leak_check_report",
+            parse_text,
+            None,
+            "write a JSON leak report to this path",
+            metavar="PATH",
+        ),
+        Setting(
+            "leak_check_pool_threshold",
+            parse_fraction,
+            0.7,
+            "warn when a test's peak checked-out connections exceed this share of its pool",
+            per_test=True,
+            metavar="FRACTION",
+        ),
+        Setting(
+            "leak_check_fail_on",
+            comma_set(*FAIL_ON_CHOICES),
+            frozenset(),
+            "turn these warnings into failures: " + ", ".join(FAIL_ON_CHOICES),
+            per_test=True,
+            metavar="LIST",
+        ),
+    )
+}
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every setting as a command-line option and an ini key."""
+    group = parser.getgroup(_OPTION_GROUP, "connguard: database connection leak check")
+    for setting in SETTINGS.values():
+        help_text = f"{setting.help} [env {setting.env}, ini {setting.name}]"
+        if setting.flag:
+            group.addoption(
+                setting.option,
+                action="store_const",
+                const="1",
+                default=None,
+                dest=setting.dest,
+                help=help_text,
+            )
+        else:
+            group.addoption(
+                setting.option,
+                action="store",
+                default=None,
+                dest=setting.dest,
+                metavar=setting.metavar,
+                help=help_text,
+            )
+        parser.addini(setting.name, setting.help, default=None)
+
+
+def _command_line_value(config: pytest.Config, setting: Setting) -> Any:
+    value = getattr(config.option, setting.dest, None)
+    if value is None:
+        # Before option parsing completes (pytest_load_initial_conftests) only the early
+        # namespace holds the command line.
+        early = getattr(config, "known_args_namespace", None)
+        value = getattr(early, setting.dest, None)
+    return value
+
+
+def _raw_sources(config: pytest.Config, setting: Setting):
+    """Yield (raw value, source description) in precedence order, markers excluded."""
+    value = _command_line_value(config, setting)
+    if value is not None:
+        yield value, f"{setting.option}={value!r} (command line)"
+    for env in (setting.env, *setting.extra_env):
+        value = os.environ.get(env)
+        if value is not None and value.strip() != "":
+            yield value, f"{env}={value!r} (environment)"
+            break
+    try:
+        value = config.getini(setting.name)
+    except ValueError:
+        value = None
+    if value is not None and value != "":
+        where = f"ini file {config.inipath}" if config.inipath else "ini"
+        yield value, f"{setting.name}={value!r} ({where})"
+
+
+_CACHE_KEY = pytest.StashKey[dict]()
+
+
+def resolve(config: pytest.Config, name: str, item: pytest.Item | None = None) -> Any:
+    """The value of setting `name` (e.g. "leak_check_mode") for the run, or for one test.
+
+    Raises pytest.UsageError naming the source of a value that does not parse.
+    """
+    setting = SETTINGS[name]
+    if item is not None and setting.per_test:
+        for marker in item.iter_markers(MARKER):
+            if setting.marker_key in marker.kwargs:
+                raw = marker.kwargs[setting.marker_key]
+                return _parse(setting, raw, _marker_source(setting, raw, item))
+    cache = config.stash.setdefault(_CACHE_KEY, {})
+    if name not in cache:
+        cache[name] = _resolve_run_value(config, setting)
+    return cache[name]
+
+
+def _resolve_run_value(config: pytest.Config, setting: Setting) -> Any:
+    for raw, source in _raw_sources(config, setting):
+        return _parse(setting, raw, source)
+    return setting.default
+
+
+def _marker_source(setting: Setting, raw: Any, item: pytest.Item) -> str:
+    return f"@pytest.mark.{MARKER}({setting.marker_key}={raw!r}) (marker on {item.nodeid})"
+
+
+def _parse(setting: Setting, raw: Any, source: str) -> Any:
+    try:
+        return setting.parse(raw)
+    except SettingError as error:
+        raise pytest.UsageError(f"{source}: {error}") from None
+
+
+def check_marker(item: pytest.Item) -> None:
+    """Reject unknown or non-per-test keys of @pytest.mark.leak_check on `item`."""
+    allowed = {s.marker_key: s for s in SETTINGS.values() if s.per_test}
+    for marker in item.iter_markers(MARKER):
+        for key, raw in marker.kwargs.items():
+            if key not in allowed:
+                raise pytest.UsageError(
+                    f"@pytest.mark.{MARKER}({key}={raw!r}) (marker on {item.nodeid}): "
+                    f"unknown setting; expected one of {', '.join(sorted(allowed))}"
+                )
+            resolve(item.config, allowed[key].name, item)
+
+
+def validate_all(config: pytest.Config) -> None:
+    """Resolve every run-wide setting now, so a bad value stops the run before any work."""
+    for name in SETTINGS:
+        resolve(config, name)
