@@ -1,0 +1,318 @@
+"""The one path from source text to findings: prefilter, parse once, all rules, noqa, selection.
+
+Every adapter (CLI, flake8, pre-commit hooks, the fixer, the leak detector) comes through here.
+Each file has one error boundary: a file that does not parse becomes a CG000 finding, a bug in
+our own code becomes one CG999 line, and neither stops the other files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from connguard.checkers.config import (
+    ENGINE_CODES,
+    INTERNAL_ERROR,
+    PARSE_ERROR,
+    Config,
+    load_config,
+)
+from connguard.checkers.findings import Finding
+from connguard.checkers.imports import ProjectImports, decode_source, module_name_for
+
+# flake8's spelling: `# noqa` alone, or `# noqa: CG101,CG102` (a colon, then codes).
+_NOQA = re.compile(
+    r"#\s*noqa(?::[\s]?(?P<codes>[A-Z][0-9]+(?:[,\s]+[A-Z][0-9]+)*))?", re.IGNORECASE
+)
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+# Files at or under this many bytes in total are checked in-process even with -j: a pool costs
+# more than it saves for the handful of files a pre-commit run hands us.
+_POOL_MIN_FILES = 8
+
+
+@dataclass
+class Report:
+    """The outcome of a run over many files."""
+
+    findings: list[Finding] = field(default_factory=list)  # rule findings and CG000, sorted
+    errors: list[Finding] = field(default_factory=list)  # CG999: our bugs, one per file
+    files: int = 0
+    lines: int = 0
+
+    @property
+    def parse_errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.code == PARSE_ERROR]
+
+    @property
+    def all(self) -> list[Finding]:
+        return sorted([*self.findings, *self.errors])
+
+    def exit_code(self, exit_zero: bool = False) -> int:
+        """1 for findings; 2 for an internal error, or when the only findings are CG000."""
+        if self.errors:
+            return 2
+        if exit_zero:
+            return 0
+        if any(f.code not in ENGINE_CODES for f in self.findings):
+            return 1
+        if self.findings:
+            return 2
+        return 0
+
+
+# -- per-process state --------------------------------------------------------------------
+_RESOLVERS: dict[int, tuple[Config, ProjectImports]] = {}
+
+
+def resolver_for(config: Config) -> ProjectImports:
+    """The cross-module resolver of this config, shared by all files of this process."""
+    entry = _RESOLVERS.get(id(config))
+    if entry is None or entry[0] is not config:
+        resolver = ProjectImports(config.table)
+        if config.root is not None:
+            resolver.add_project_roots(config.root)
+        resolver.add_project_roots(Path.cwd())
+        entry = (config, resolver)
+        _RESOLVERS[id(config)] = entry
+    return entry[1]
+
+
+@lru_cache(maxsize=64)
+def _config_for_dir(directory: str) -> Config:
+    return load_config(Path(directory))
+
+
+def config_for_path(path: str | Path) -> Config:
+    """The config that applies to `path` (nearest pyproject.toml), cached per directory."""
+    directory = os.path.dirname(os.path.abspath(str(path))) or "."
+    return _config_for_dir(directory)
+
+
+# -- one file -----------------------------------------------------------------------------
+def _internal_error(path: str, exc: BaseException) -> Finding:
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if "connguard" in filename:
+            where = f" ({os.path.basename(filename)}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    detail = " ".join(str(exc).split())[:200]
+    message = f"internal error: {type(exc).__name__}: {detail}{where}"
+    return Finding(path, 1, 1, INTERNAL_ERROR, message)
+
+
+def _is_parse_error(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return "ParserSyntaxError" in names or "ParseError" in names
+
+
+def _parse_error(path: str, exc: BaseException) -> Finding:
+    line = getattr(exc, "editor_line", None) or getattr(exc, "lineno", None) or 1
+    col = getattr(exc, "editor_column", None) or 1
+    message = getattr(exc, "message", None) or str(exc)
+    message = " ".join(str(message).split())[:200].removeprefix("parser error: ")
+    return Finding(path, int(line), max(int(col), 1), PARSE_ERROR, f"cannot parse: {message}")
+
+
+def analyse(source: str, path: str, config: Config) -> list[Finding]:
+    """Raw findings of every rule (no noqa, no selection). Never raises for any input: a
+    parse error is one CG000 finding, an internal error one CG999 finding."""
+    try:
+        from connguard.checkers import resources
+
+        table = config.table
+        resolver = resolver_for(config)
+        module, is_package = _module_of(path, resolver)
+        if not resources.may_hold_resource(source, table) and not resolver.imports_factory(
+            source, module, is_package
+        ):
+            return []
+        if "\x00" in source:
+            return [Finding(path, 1, 1, PARSE_ERROR, "cannot parse: source contains a null byte")]
+        from connguard.checkers import analysis
+
+        return list(
+            analysis.check_module(
+                source, path, table=table, imports=resolver, module_name=module
+            )
+        )
+    except RecursionError as exc:
+        # LibCST recurses per nesting level; pathologically nested code is unparsable to us.
+        if _is_parse_error(exc):
+            return [_parse_error(path, exc)]
+        return [Finding(path, 1, 1, PARSE_ERROR, "cannot parse: nesting too deep to analyse")]
+    except Exception as exc:
+        if _is_parse_error(exc):
+            return [_parse_error(path, exc)]
+        return [_internal_error(path, exc)]
+
+
+def _module_of(path: str, resolver: ProjectImports) -> tuple[str | None, bool]:
+    if path in ("-", "<stdin>", "stdin", ""):
+        return None, False
+    try:
+        return resolver.register_file(Path(path))
+    except (OSError, ValueError):
+        return module_name_for(Path(path))[0], False
+
+
+def _noqa_codes(line_text: str) -> frozenset[str] | None:
+    """None: no noqa; empty set: bare `# noqa` (everything); else the listed codes."""
+    match = _NOQA.search(line_text)
+    if match is None:
+        return None
+    codes = match.group("codes")
+    if not codes:
+        return frozenset()
+    return frozenset(c.upper() for c in re.split(r"[,\s]+", codes) if c)
+
+
+def apply_noqa(findings: list[Finding], source: str) -> list[Finding]:
+    if not findings or "noqa" not in source.lower():
+        return findings
+    lines = _LINE_BREAK.split(source)
+    kept = []
+    for finding in findings:
+        if finding.code not in ENGINE_CODES and 0 < finding.line <= len(lines):
+            codes = _noqa_codes(lines[finding.line - 1])
+            if codes is not None and (not codes or finding.code in codes):
+                continue
+        kept.append(finding)
+    return kept
+
+
+def check_source(
+    source: str, path: str, config: Config | None = None, *, noqa: bool = True
+) -> list[Finding]:
+    """Findings for one file's text: selection, per-file-ignores and (unless told) `# noqa`
+    applied, sorted. `config=None` uses the pyproject.toml nearest to `path`."""
+    if config is None:
+        config = config_for_path(path) if path not in ("-", "") else Config()
+    findings = analyse(source, path, config)
+    findings = [f for f in findings if config.enabled(f.code, path)]
+    if noqa:
+        findings = apply_noqa(findings, source)
+    return sorted(findings)
+
+
+def read_file(path: str | Path) -> str:
+    """A file's text as Python reads it; raises OSError / ValueError (undecodable)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return decode_source(data)
+
+
+def check_file(path: str | Path, config: Config | None = None) -> list[Finding]:
+    """Findings for one file on disk; an unreadable or undecodable file is one CG000."""
+    path = str(path)
+    if config is None:
+        config = config_for_path(path)
+    try:
+        source = read_file(path)
+    except OSError as exc:
+        finding = Finding(path, 1, 1, PARSE_ERROR, f"cannot read: {exc.strerror or exc}")
+        return [finding] if config.enabled(PARSE_ERROR, path) else []
+    except ValueError as exc:
+        finding = Finding(path, 1, 1, PARSE_ERROR, f"cannot parse: cannot decode: {exc}")
+        return [finding] if config.enabled(PARSE_ERROR, path) else []
+    return check_source(source, path, config)
+
+
+def _check_one(path: str, config: Config) -> tuple[list[Finding], int]:
+    try:
+        source = read_file(path)
+    except (OSError, ValueError):
+        return check_file(path, config), 0
+    return check_source(source, path, config), source.count("\n") + 1
+
+
+# -- many files ---------------------------------------------------------------------------
+_WORKER_CONFIG: Config | None = None
+
+
+def _worker_init(config: Config) -> None:
+    global _WORKER_CONFIG
+    _WORKER_CONFIG = config
+
+
+def _worker_check(path: str) -> tuple[list[Finding], int]:
+    assert _WORKER_CONFIG is not None
+    try:
+        return _check_one(path, _WORKER_CONFIG)
+    except Exception as exc:  # the boundary holds in workers too
+        return [_internal_error(path, exc)], 0
+
+
+def default_jobs() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def check_files(files: Sequence[str], config: Config, jobs: int = 1) -> Report:
+    """Check already-discovered files, in parallel processes when worth it."""
+    jobs = default_jobs() if jobs <= 0 else jobs
+    jobs = min(jobs, len(files)) if files else 1
+    results: list[tuple[list[Finding], int]]
+    if jobs <= 1 or len(files) < min(_POOL_MIN_FILES, 2 * jobs):
+        results = []
+        for path in files:
+            try:
+                results.append(_check_one(path, config))
+            except Exception as exc:
+                results.append(([_internal_error(path, exc)], 0))
+    else:
+        results = _run_pool(files, config, jobs)
+    report = Report(files=len(files))
+    for findings, lines in results:
+        report.lines += lines
+        for finding in findings:
+            (report.errors if finding.code == INTERNAL_ERROR else report.findings).append(finding)
+    report.findings.sort()
+    report.errors.sort()
+    return report
+
+
+def _run_pool(files: Sequence[str], config: Config, jobs: int) -> list[tuple[list[Finding], int]]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork shares the parent's imports and config; elsewhere the default start method works.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" and "fork" in methods else None)
+    config.table  # noqa: B018 - build once, before forking, so workers inherit it
+    # big files first, so one large module does not end the run alone on one core
+    order = sorted(range(len(files)), key=lambda i: -_size(files[i]))
+    ordered = [files[i] for i in order]
+    chunk = max(1, min(16, len(files) // (jobs * 8)))
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_worker_init, initargs=(config,)
+    ) as pool:
+        outcome = list(pool.map(_worker_check, ordered, chunksize=chunk))
+    results: list[tuple[list[Finding], int]] = [([], 0)] * len(files)
+    for index, result in zip(order, outcome):
+        results[index] = result
+    return results
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def check_paths(paths: Sequence[str], config: Config, jobs: int = 1) -> Report:
+    """Expand `paths` (files and directories) and check every Python file found.
+    Raises discovery.PathError for a path that does not exist."""
+    from connguard.checkers.discovery import collect_files
+
+    return check_files(collect_files(list(paths), config), config, jobs)

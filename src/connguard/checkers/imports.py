@@ -1,0 +1,235 @@
+"""Cross-module resolution: which names a project module exports as resource factories.
+
+pre-commit hands the checker only the changed files, so `from app.db import SessionLocal` in a
+route must be understood without `app/db.py` on the command line. We find that module from the
+checked file's package root (or the project root), summarise it with
+`analysis.module_factories`, and cache the summary for the life of the process. Only files of
+the project are read: the roots are derived from the checked files and the working directory,
+never from `sys.path`, so site-packages stays out unless the user checks it explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+# `from x import (a, b as c)` and `import x.y as z`, one statement at a time. Good enough for a
+# prefilter: a miss costs a parse (never a finding), a false hit costs only a cached summary.
+_FROM_IMPORT = re.compile(
+    r"^[ \t]*from[ \t]+(\.*)[ \t]*([\w.]*)[ \t]+import[ \t]*(\([^)]*\)|(?:[^\n\\#;]|\\\n)*)",
+    re.MULTILINE,
+)
+_PLAIN_IMPORT = re.compile(r"^[ \t]*import[ \t]+((?:[^\n\\#;]|\\\n)+)", re.MULTILINE)
+_COMMENT = re.compile(r"#[^\n]*")
+
+
+def iter_from_imports(text: str) -> Iterator[tuple[int, str, list[str]]]:
+    """(relative level, module, imported names) for each `from ... import ...` in `text`."""
+    if "import" not in text:
+        return
+    for match in _FROM_IMPORT.finditer(text):
+        level = len(match.group(1))
+        module = match.group(2)
+        body = _COMMENT.sub("", match.group(3)).strip().strip("()").replace("\\\n", " ")
+        names = []
+        for part in body.split(","):
+            words = part.split()
+            if words and words[0].isidentifier() or words[:1] == ["*"]:
+                names.append(words[0])
+        yield level, module, names
+
+
+def iter_plain_imports(text: str) -> Iterator[str]:
+    """Modules named by `import a.b, c as d` statements."""
+    for match in _PLAIN_IMPORT.finditer(text):
+        for part in match.group(1).replace("\\\n", " ").split(","):
+            words = part.split()
+            if words and all(w.isidentifier() for w in words[0].split(".")):
+                yield words[0]
+
+
+def absolute_module(level: int, module: str, importer: str | None, is_package: bool) -> str | None:
+    """The absolute name a relative import refers to, from the importing module's name."""
+    if level == 0:
+        return module or None
+    if not importer:
+        return None
+    parts = importer.split(".")
+    if not is_package:
+        parts = parts[:-1]
+    if level - 1 > len(parts):
+        return None
+    base = parts[: len(parts) - (level - 1)]
+    if module:
+        base = [*base, module]
+    return ".".join(base) or None
+
+
+def module_name_for(path: Path) -> tuple[str | None, Path, bool]:
+    """(dotted module name, the directory it is importable from, whether it is a package)."""
+    try:
+        path = path.resolve()
+    except OSError:
+        path = path.absolute()
+    is_package = path.name == "__init__.py"
+    parts = [] if is_package else [path.stem]
+    directory = path.parent
+    while (directory / "__init__.py").is_file() and directory.parent != directory:
+        parts.append(directory.name)
+        directory = directory.parent
+    if not parts or not all(p.isidentifier() for p in parts):
+        return None, directory, is_package
+    return ".".join(reversed(parts)), directory, is_package
+
+
+def read_source(path: Path) -> str:
+    """A Python file's text, honouring a PEP 263 coding cookie; raises OSError or ValueError."""
+    data = path.read_bytes()
+    return decode_source(data)
+
+
+def decode_source(data: bytes) -> str:
+    if any(b"coding" in line for line in data[:400].split(b"\n", 2)[:2]):
+        import io
+        import tokenize
+
+        try:
+            encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+        except SyntaxError as exc:
+            raise ValueError(str(exc)) from None
+        if encoding == "utf-8-sig":
+            return data.decode("utf-8-sig")
+        return data.decode(encoding)
+    return data.decode("utf-8-sig")
+
+
+class ProjectImports:
+    """The ImportResolver of `analysis`: module summaries of one project, cached per process."""
+
+    def __init__(self, table: Any, roots: Iterable[Path] = ()) -> None:
+        self.table = table
+        self.roots: list[Path] = []
+        self._root_set: set[Path] = set()
+        self._found: dict[str, tuple[Path, bool] | None] = {}
+        self._summaries: dict[str, dict[str, Any]] = {}
+        self._in_progress: set[str] = set()
+        for root in roots:
+            self.add_root(root)
+
+    # -- where modules live -------------------------------------------------------------
+    def add_root(self, root: Path) -> None:
+        try:
+            root = root.resolve()
+        except OSError:
+            return
+        if root in self._root_set or not root.is_dir():
+            return
+        self._root_set.add(root)
+        self.roots.append(root)
+        # a root added later can make a previously unknown module findable
+        for name in [n for n, v in self._found.items() if v is None]:
+            del self._found[name]
+            self._summaries.pop(name, None)
+
+    def add_project_roots(self, start: Path) -> None:
+        """The working directory-style roots: `start` and its `src/` (src layout)."""
+        self.add_root(start)
+        self.add_root(start / "src")
+
+    def register_file(self, path: Path) -> tuple[str | None, bool]:
+        """Note a checked file's package root; returns its module name and package flag."""
+        module, root, is_package = module_name_for(path)
+        self.add_root(root)
+        return module, is_package
+
+    def find(self, module: str) -> tuple[Path, bool] | None:
+        if module in self._found:
+            return self._found[module]
+        rel = module.replace(".", os.sep)
+        hit = None
+        for root in self.roots:
+            package = root / rel / "__init__.py"
+            if package.is_file():
+                hit = (package, True)
+                break
+            plain = root / (rel + ".py")
+            if plain.is_file():
+                hit = (plain, False)
+                break
+        self._found[module] = hit
+        return hit
+
+    # -- what they export ---------------------------------------------------------------
+    def summary(self, module: str) -> dict[str, Any]:
+        """name -> ResourceSpec for what `module` exports as makers/factories; {} if unknown."""
+        cached = self._summaries.get(module)
+        if cached is not None:
+            return cached
+        if module in self._in_progress:
+            return {}  # an import cycle: the partial answer is the safe one
+        found = self.find(module)
+        if found is None:
+            return {}
+        path, is_package = found
+        self._in_progress.add(module)
+        try:
+            result = self._summarise(path, module, is_package)
+        finally:
+            self._in_progress.discard(module)
+        self._summaries[module] = result
+        return result
+
+    def _summarise(self, path: Path, module: str, is_package: bool) -> dict[str, Any]:
+        try:
+            text = read_source(path)
+        except (OSError, ValueError):
+            return {}
+        from connguard.checkers import resources
+
+        if not resources.may_hold_resource(text, self.table) and not self.imports_factory(
+            text, module, is_package
+        ):
+            return {}
+        from connguard.checkers import analysis
+
+        try:
+            return dict(
+                analysis.module_factories(
+                    text, table=self.table, imports=self, module_name=module
+                )
+            )
+        except Exception:
+            # A module we merely consult must not fail the file being checked: unparsable or
+            # surprising, it simply exports no factories.
+            return {}
+
+    def resolve(self, module: str, name: str) -> Any:
+        """Is `name`, imported from project module `module`, a resource maker or factory?"""
+        spec = self.summary(module).get(name)
+        if spec is not None:
+            return spec
+        return None
+
+    def imports_factory(self, text: str, module: str | None, is_package: bool) -> bool:
+        """Does `text` import a name that a project module exports as a factory? (no parse)"""
+        if not self.roots:
+            return False
+        for level, name, names in iter_from_imports(text):
+            target = absolute_module(level, name, module, is_package)
+            if target is None:
+                continue
+            summary = self.summary(target)
+            if summary and ("*" in names or any(n in summary for n in names)):
+                return True
+            if not summary:
+                # `from pkg import db` imports a submodule; `db.SessionLocal()` follows
+                for sub in names:
+                    if sub != "*" and self.find(f"{target}.{sub}") and self.summary(f"{target}.{sub}"):
+                        return True
+        for name in iter_plain_imports(text):
+            if self.find(name) is not None and self.summary(name):
+                return True
+        return False
