@@ -1,4 +1,4 @@
-"""The `async with` autofix: rewrite a flagged creation into a context manager, verified or not at all."""
+"""The `async with` autofix: a flagged creation becomes a context manager, verified or untouched."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import difflib
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import libcst as cst
 from libcst.metadata import MetadataWrapper, ParentNodeProvider, PositionProvider
@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 FIXABLE_CODES = frozenset({"CG101", "CG102"})
 
 # Methods whose call ends the resource's life; after the rewrite the context manager does this.
+# The resource table adds each kind's own (release_async / release_sync).
 RELEASE_METHODS = frozenset({"close", "aclose", "dispose", "terminate"})
+# A pooled connection handed back to the pool it came from: `await pool.release(conn)`.
+DEFAULT_ON_RECEIVER = frozenset({"release"})
 
 # Methods whose result keeps reading from the resource after the call returns: closing the
 # resource when the block ends would break a result that escapes the block.
@@ -38,53 +41,6 @@ class Form(Enum):
     ASYNC_CALL = "async with CALL as name"  # the call's result is an async CM (await dropped)
     ASYNC_AWAITED = "async with await CALL as name"  # the awaited result is an async CM
     SYNC = "with CALL as name"
-
-
-# What each known creating callable becomes, by qualified name; None with a reason: there is no
-# context-manager form that releases it. The first value applies when the call is awaited, the
-# second when it is not. Keep in step with the libraries: each entry was checked against them.
-_Entry = tuple[Form | str | None, Form | str | None]
-_NOT_A_CM_ENGINE = "an engine is not a context manager; dispose() it in `finally`"
-KNOWN_FORMS: dict[str, _Entry] = {
-    "sqlalchemy.ext.asyncio.AsyncSession": (None, Form.ASYNC_CALL),
-    "sqlalchemy.ext.asyncio.session.AsyncSession": (None, Form.ASYNC_CALL),
-    "sqlalchemy.orm.Session": (None, Form.SYNC),
-    "sqlalchemy.orm.session.Session": (None, Form.SYNC),
-    "sqlalchemy.ext.asyncio.create_async_engine": (None, _NOT_A_CM_ENGINE),
-    "sqlalchemy.create_engine": (None, _NOT_A_CM_ENGINE),
-    # asyncpg.connect() resolves to a Connection, which has no __aenter__.
-    "asyncpg.connect": (
-        "asyncpg's Connection is not an async context manager; close it in `finally`",
-        None,
-    ),
-    # create_pool() returns a Pool that is both awaitable and an async CM (closes on exit).
-    "asyncpg.create_pool": (Form.ASYNC_CALL, Form.ASYNC_CALL),
-    "asyncpg.pool.create_pool": (Form.ASYNC_CALL, Form.ASYNC_CALL),
-    # aiosqlite.connect() returns a Connection that is awaitable and an async CM.
-    "aiosqlite.connect": (Form.ASYNC_CALL, None),
-    "aiosqlite.core.connect": (Form.ASYNC_CALL, None),
-    # psycopg: connect() is a coroutine; the connection it gives is an async CM that closes.
-    "psycopg.AsyncConnection.connect": (Form.ASYNC_AWAITED, None),
-    "psycopg.connect": (None, Form.SYNC),
-    "psycopg.Connection.connect": (None, Form.SYNC),
-    "psycopg_pool.AsyncConnectionPool": (None, Form.ASYNC_CALL),
-    "psycopg_pool.ConnectionPool": (None, Form.SYNC),
-    # aiomysql wraps both in context-manager objects that close on exit.
-    "aiomysql.connect": (Form.ASYNC_CALL, None),
-    "aiomysql.create_pool": (Form.ASYNC_CALL, None),
-}
-
-# Methods on a resource-holding object (not a module): `await engine.connect()` and
-# `await pool.acquire()` have an `async with X.m() as c:` form (AsyncEngine.connect,
-# asyncpg/aiomysql Pool.acquire). psycopg_pool's getconn() has none (its CM is .connection()).
-KNOWN_METHOD_FORMS: dict[str, _Entry] = {
-    "connect": (Form.ASYNC_CALL, None),
-    "acquire": (Form.ASYNC_CALL, None),
-    "getconn": ("psycopg_pool's getconn() has no CM form; use `async with pool.connection()`", None),
-}
-
-# Methods whose release is a call on another object taking the resource: pool.release(conn).
-RELEASED_BY_RECEIVER = {"acquire": frozenset({"release"})}
 
 
 class Declined(Exception):
@@ -105,12 +61,47 @@ class FixOutcome:
         return self.original is not None and self.source != self.original
 
 
-# A function mapping (the module, the creating call, awaited?) to a Form or a reason string.
-FormResolver = Callable[[cst.Module, cst.Call, bool], "Form | str"]
-
-
 # --------------------------------------------------------------------------------------------
-# Resolving what the creating call is
+# What the creating call is, and which context-manager form it has. The answers come from the
+# resource table (resources.py: async_cm / sync_cm / awaited / cm_methods per spec), resolved
+# the way the analysis resolves names: imports, module-level makers and factories
+# (analysis.module_factories), project modules (the engine's import resolver), annotations.
+
+
+@dataclass
+class _Context:
+    module: cst.Module
+    source: str
+    table: Any
+    resolver: Any
+    module_name: str | None
+    _imports: dict[str, str] | None = None
+    _factories: dict[str, Any] | None = None
+
+    @property
+    def imports(self) -> dict[str, str]:
+        if self._imports is None:
+            self._imports = _import_map(self.module)
+        return self._imports
+
+    @property
+    def factories(self) -> dict[str, Any]:
+        if self._factories is None:
+            try:
+                from connguard.checkers import analysis
+
+                self._factories = dict(
+                    analysis.module_factories(
+                        self.source,
+                        table=self.table,
+                        imports=self.resolver,
+                        module_name=self.module_name,
+                    )
+                )
+            except Exception:
+                # Only the analysis knows this module's makers; without it we decline below.
+                self._factories = {}
+        return self._factories
 
 
 def _dotted(expr: cst.BaseExpression) -> str | None:
@@ -123,7 +114,7 @@ def _dotted(expr: cst.BaseExpression) -> str | None:
 
 
 def _import_map(module: cst.Module) -> dict[str, str]:
-    """Local name -> qualified name for every import in the module (any depth)."""
+    """Local name -> qualified name for every absolute import in the module (any depth)."""
     names: dict[str, str] = {}
 
     class _Imports(cst.CSTVisitor):
@@ -161,148 +152,155 @@ def _qualified(expr: cst.BaseExpression, imports: dict[str, str]) -> str | None:
     return imports[head] + ("." + tail if tail else "")
 
 
-def _spec_form(spec: object, awaited: bool) -> Form | str | None:
-    """The form a ResourceSpec from resources.py allows, if it says (fields read defensively)."""
-    is_cm = getattr(spec, "async_cm", None)
-    if is_cm is None:
-        is_cm = getattr(spec, "is_async_cm", None)
-    is_async = getattr(spec, "is_async", None)
-    if is_cm is None or is_async is None:
+def _product(spec: Any, call: cst.Call | None, ctx: _Context) -> Any:
+    """What calling something described by `spec` yields (a maker yields its session)."""
+    if spec is None:
         return None
-    name = getattr(spec, "display", None) or getattr(spec, "name", None) or "this resource"
-    if not is_cm:
-        return f"{name} is not a context manager; release it in `finally`"
-    if not is_async:
-        return Form.SYNC
-    return Form.ASYNC_CALL
+    if getattr(spec, "managed", True):
+        return spec
+    product = getattr(spec, "call", None)
+    kwarg = getattr(spec, "class_kwarg", "")
+    if product is not None and kwarg and call is not None:
+        # sessionmaker(class_=AsyncSession) yields what the class_ argument names.
+        for arg in call.args:
+            if arg.keyword is not None and arg.keyword.value == kwarg:
+                swapped = ctx.table.lookup(_qualified(arg.value, ctx.imports) or "")
+                return swapped if swapped is not None else None
+    return product
 
 
-def default_form(module: cst.Module, call: cst.Call, awaited: bool) -> Form | str:
-    """Which context-manager form the creating `call` has; a reason string when it has none."""
-    imports = _import_map(module)
-    qualified = _qualified(call.func, imports)
-    if qualified is not None:
-        entry = KNOWN_FORMS.get(qualified)
-        if entry is not None:
-            chosen = entry[0] if awaited else entry[1]
-            if chosen is None:
-                how = "awaited" if awaited else "called without await"
-                return f"{qualified}() {how} has no context-manager form that releases it"
-            return chosen
-        # An imported maker or factory from elsewhere: ask the resource table when it knows.
-        spec_form = _table_form(qualified, awaited)
-        if spec_form is not None:
-            return spec_form
-    if isinstance(call.func, cst.Attribute):
-        receiver = _dotted(call.func.value)
-        receiver_is_module = receiver is not None and receiver.split(".")[0] in imports
-        entry = KNOWN_METHOD_FORMS.get(call.func.attr.value)
-        if entry is not None and not receiver_is_module:
-            chosen = entry[0] if awaited else entry[1]
-            if isinstance(chosen, (Form, str)):
-                return chosen
-    if not awaited:
-        local = _local_factory_form(module, call)
-        if local is not None:
-            return local
-    return f"cannot tell whether `{cst.Module([]).code_for_node(call.func)}(...)` returns a context manager"
-
-
-def _table_form(qualified: str, awaited: bool) -> Form | str | None:
-    try:
-        from connguard.checkers import resources
-    except ImportError:
-        return None
-    table = getattr(resources, "DEFAULT", None) or getattr(resources, "DEFAULT_TABLE", None)
-    lookup = getattr(table, "get", None) or getattr(table, "lookup", None)
-    if lookup is None:
-        return None
-    try:
-        spec = lookup(qualified)
-    except Exception:
-        return None
-    return None if spec is None else _spec_form(spec, awaited)
-
-
-def _maker_kind(value: cst.BaseExpression, imports: dict[str, str]) -> Form | str | None:
-    """The form of what calling the object built by `value` gives, for the makers we know."""
-    if not isinstance(value, cst.Call):
-        return None
-    qualified = _qualified(value.func, imports)
-    if qualified in (
-        "sqlalchemy.ext.asyncio.async_sessionmaker",
-        "sqlalchemy.ext.asyncio.session.async_sessionmaker",
-        "sqlalchemy.ext.asyncio.async_scoped_session",
-    ):
-        if qualified.endswith("async_scoped_session"):
-            return "a scoped session is released by the registry's remove(), not by `async with`"
+def _form_of(product: Any, awaited: bool) -> Form | str:
+    """The context-manager form of a resource created by a call, from the table's data."""
+    name = getattr(product, "name", "this resource")
+    if getattr(product, "scoped", False):
+        return f"{name} from a scoped registry is released by the registry's remove()"
+    if awaited:
+        if not getattr(product, "async_cm", False):
+            return f"{name} is not an async context manager; release it in `finally`"
+        if str(getattr(product, "safe_form", "")).startswith("async with await"):
+            return Form.ASYNC_AWAITED
         return Form.ASYNC_CALL
-    if qualified in ("sqlalchemy.orm.sessionmaker", "sqlalchemy.orm.session.sessionmaker"):
-        for arg in value.args:
-            if arg.keyword is not None and arg.keyword.value == "class_":
-                target = _qualified(arg.value, imports) or ""
-                if target.endswith("AsyncSession"):
-                    return Form.ASYNC_CALL
-                return None
+    if getattr(product, "async_cm", False):
+        return Form.ASYNC_CALL
+    if getattr(product, "sync_cm", False):
         return Form.SYNC
+    return f"{name} is not a context manager; release it in `finally`"
+
+
+def _method_form(source: Any, method: str, awaited: bool) -> Form | str | None:
+    """`source.method()` (engine.connect(), pool.acquire()): a form only if the table lists the
+    method among the source's context-manager methods."""
+    product = source.product(method) if hasattr(source, "product") else None
+    if product is None:
+        return None
+    if method not in getattr(source, "cm_methods", ()):
+        return (
+            f"`{method}()` of {getattr(source, 'name', 'this source')} has no context-manager form"
+        )
+    if awaited or getattr(product, "async_cm", False):
+        return (
+            Form.ASYNC_CALL
+            if getattr(product, "async_cm", False)
+            else (f"{getattr(product, 'name', 'it')} is not an async context manager")
+        )
+    return Form.SYNC if getattr(product, "sync_cm", False) else None
+
+
+def _all_specs(table: Any) -> list[Any]:
+    seen: dict[int, Any] = {}
+    stack = [*getattr(table, "factories", {}).values(), *getattr(table, "types", {}).values()]
+    while stack:
+        spec = stack.pop()
+        if spec is None or id(spec) in seen:
+            continue
+        seen[id(spec)] = spec
+        stack.append(getattr(spec, "call", None))
+        stack.extend(p for _, p in getattr(spec, "methods", ()))
+    return list(seen.values())
+
+
+def _receiver_spec(receiver: cst.BaseExpression, function: cst.FunctionDef, ctx: _Context) -> Any:
+    """The source object a method is called on, when its binding says: an annotated parameter,
+    or `name = [await] factory(...)` in the function or at module level."""
+    if not isinstance(receiver, cst.Name):
+        return None
+    name = receiver.value
+    for param in _walk(function.params):
+        if isinstance(param, cst.Param) and param.name.value == name:
+            if param.annotation is None:
+                return None
+            qualified = _qualified(param.annotation.annotation, ctx.imports)
+            return ctx.table.lookup_type(qualified) if qualified else None
+    for scope in (function.body, ctx.module):
+        for node in _walk(scope):
+            if isinstance(node, cst.Assign) and len(node.targets) == 1:
+                target = node.targets[0].target
+                if isinstance(target, cst.Name) and target.value == name:
+                    value = (
+                        node.value.expression if isinstance(node.value, cst.Await) else node.value
+                    )
+                    if isinstance(value, cst.Call):
+                        qualified = _qualified(value.func, ctx.imports)
+                        spec = ctx.table.lookup(qualified) if qualified else None
+                        if spec is not None:
+                            return spec
     return None
 
 
-def _local_factory_form(module: cst.Module, call: cst.Call) -> Form | str | None:
-    """`X()` where X is a module-level session maker, or a function returning a maker's call."""
-    if not isinstance(call.func, cst.Name):
-        return None
-    name = call.func.value
-    imports = _import_map(module)
-    makers: dict[str, Form | str] = {}
-    functions: dict[str, cst.FunctionDef] = {}
-    for stmt in module.body:
-        if isinstance(stmt, cst.SimpleStatementLine):
-            for small in stmt.body:
-                if isinstance(small, cst.Assign) and len(small.targets) == 1:
-                    target = small.targets[0].target
-                    if isinstance(target, cst.Name):
-                        kind = _maker_kind(small.value, imports)
-                        if kind is not None:
-                            makers[target.value] = kind
-        elif isinstance(stmt, cst.FunctionDef):
-            functions[stmt.name.value] = stmt
-    if name in makers:
-        return makers[name]
-    func = functions.get(name)
-    if func is None or func.asynchronous is not None:
-        return _imported_factory_form(module, name, imports)
-    # def make(): return Maker() -- the call site gets what Maker() gives.
-    returns = [
-        node
-        for node in _walk(func.body)
-        if isinstance(node, cst.Return) and node.value is not None
-    ]
-    forms = set()
-    for ret in returns:
-        value = ret.value
-        if isinstance(value, cst.Call) and isinstance(value.func, cst.Name):
-            if value.func.value in makers:
-                forms.add(makers[value.func.value])
-                continue
-            q = _qualified(value.func, imports)
-            entry = KNOWN_FORMS.get(q or "")
-            if entry is not None:
-                forms.add(entry[1] if entry[1] is not None else "not a context manager")
-                continue
-        return None
-    if len(forms) == 1:
-        only = forms.pop()
-        return only if isinstance(only, Form) else None
-    return None
+def resolve_form(
+    ctx: _Context, call: cst.Call, awaited: bool, function: cst.FunctionDef
+) -> tuple[Form | str, Any]:
+    """Which context-manager form the creating `call` has (a reason string when it has none),
+    and the spec of the resource it creates when known."""
+    form, product = _resolve(ctx, call, awaited, function)
+    return form, product
 
 
-def _imported_factory_form(module: cst.Module, name: str, imports: dict[str, str]) -> Form | str | None:
-    """A maker imported from another module: trust the analysis' resolution when it exposes one."""
-    qualified = imports.get(name)
-    if qualified is None:
-        return None
-    return _table_form(qualified, False)
+def _resolve(
+    ctx: _Context, call: cst.Call, awaited: bool, function: cst.FunctionDef
+) -> tuple[Form | str, Any]:
+    func = call.func
+    qualified = _qualified(func, ctx.imports)
+    if qualified is not None:
+        spec = ctx.table.lookup(qualified)
+        if spec is not None:
+            product = _product(spec, call, ctx)
+            if product is None:
+                return f"`{qualified}(...)` does not itself create a resource", None
+            return _form_of(product, awaited), product
+        # `from app.db import SessionLocal`: a maker or factory of another project module.
+        module, _, name = qualified.rpartition(".")
+        spec = ctx.resolver.resolve(module, name) if ctx.resolver is not None and module else None
+        if spec is not None:
+            product = _product(spec, None, ctx)
+            if product is not None:
+                return _form_of(product, awaited), product
+    if isinstance(func, cst.Name):
+        spec = ctx.factories.get(func.value)
+        product = _product(spec, None, ctx)
+        if product is not None:
+            return _form_of(product, awaited), product
+    if isinstance(func, cst.Attribute):
+        method = func.attr.value
+        source = _receiver_spec(func.value, function, ctx)
+        if source is not None:
+            form = _method_form(source, method, awaited)
+            if form is not None:
+                return form, source.product(method)
+        # An object the analysis knows as a source but we cannot see bound (self.engine, an
+        # imported pool): decide by the method, when every source in the table agrees.
+        verdicts = {
+            _method_form(spec, method, awaited)
+            for spec in _all_specs(ctx.table)
+            if hasattr(spec, "product")
+            and spec.product(method) is not None
+            and (spec.is_async or not awaited)
+        }
+        verdicts.discard(None)
+        if len(verdicts) == 1:
+            return verdicts.pop(), None
+    shown = cst.Module([]).code_for_node(func)
+    return f"cannot tell whether `{shown}(...)` gives a context manager", None
 
 
 def _walk(node: cst.CSTNode):
@@ -381,47 +379,46 @@ def _uses(nodes: Sequence[cst.CSTNode], name: str) -> list[_Use]:
     return visitor.uses
 
 
-def _is_release_call(
-    expr: cst.BaseExpression, name: str, receiver: str | None, release_methods: frozenset[str]
-) -> bool:
-    """`[await] name.close()` or `[await] receiver.release(name)` (the pool form)."""
-    if isinstance(expr, cst.Await):
-        expr = expr.expression
-    if not isinstance(expr, cst.Call) or not isinstance(expr.func, cst.Attribute):
-        return False
-    func = expr.func
-    if isinstance(func.value, cst.Name) and func.value.value == name:
-        return func.attr.value in RELEASE_METHODS and not expr.args
-    if receiver is not None and func.attr.value in release_methods and len(expr.args) == 1:
+@dataclass(frozen=True)
+class _Release:
+    """How this resource is released: `name.m()` for m in `own`, or `receiver.m(name)`."""
+
+    name: str
+    own: frozenset[str]
+    receiver: str | None = None
+    on_receiver: frozenset[str] = frozenset()
+
+    def is_call(self, expr: cst.BaseExpression) -> bool:
+        if isinstance(expr, cst.Await):
+            expr = expr.expression
+        if not isinstance(expr, cst.Call) or not isinstance(expr.func, cst.Attribute):
+            return False
+        func = expr.func
+        if isinstance(func.value, cst.Name) and func.value.value == self.name:
+            return func.attr.value in self.own and not expr.args
+        if self.receiver is None or func.attr.value not in self.on_receiver or len(expr.args) != 1:
+            return False
         arg = expr.args[0]
         return (
             arg.keyword is None
             and arg.star == ""
             and isinstance(arg.value, cst.Name)
-            and arg.value.value == name
-            and _dotted(func.value) == receiver
+            and arg.value.value == self.name
+            and _dotted(func.value) == self.receiver
         )
-    return False
 
+    def is_statement(self, stmt: cst.CSTNode) -> bool:
+        if not isinstance(stmt, cst.SimpleStatementLine) or len(stmt.body) != 1:
+            return False
+        small = stmt.body[0]
+        return isinstance(small, cst.Expr) and self.is_call(small.value)
 
-def _release_statement(
-    stmt: cst.BaseStatement, name: str, receiver: str | None, release_methods: frozenset[str]
-) -> bool:
-    if not isinstance(stmt, cst.SimpleStatementLine) or len(stmt.body) != 1:
-        return False
-    small = stmt.body[0]
-    return isinstance(small, cst.Expr) and _is_release_call(
-        small.value, name, receiver, release_methods
-    )
-
-
-def _finally_only_releases(
-    stmt: cst.BaseStatement, name: str, receiver: str | None, release_methods: frozenset[str]
-) -> bool:
-    if not isinstance(stmt, cst.Try) or stmt.finalbody is None:
-        return False
-    body = stmt.finalbody.body.body
-    return len(body) == 1 and _release_statement(body[0], name, receiver, release_methods)
+    def is_finally_only(self, stmt: cst.CSTNode) -> bool:
+        """A `try` whose `finally` does nothing but release the resource."""
+        if not isinstance(stmt, cst.Try) or stmt.finalbody is None:
+            return False
+        body = stmt.finalbody.body.body
+        return len(body) == 1 and self.is_statement(body[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,12 +504,12 @@ def _locate(wrapper: MetadataWrapper, line: int, col: int) -> _Site:
     return _Site(stmt, block, function, target_expr.value, annotation, call, awaited)
 
 
-def _rewrite(module: cst.Module, finding: Finding, resolve: FormResolver) -> cst.Module:
+def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
     wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
     site = _locate(wrapper, finding.line, finding.col)
     name = site.name
 
-    form = resolve(module, site.call, site.awaited)
+    form, product = resolve_form(ctx, site.call, site.awaited, site.function)
     if isinstance(form, str):
         raise Declined(form)
     if form is not Form.SYNC and site.function.asynchronous is None:
@@ -532,17 +529,13 @@ def _rewrite(module: cst.Module, finding: Finding, resolve: FormResolver) -> cst
         if isinstance(param, cst.Name) and param.value == name:
             raise Declined(f"`{name}` is also a parameter of the function")
 
-    receiver = None
-    release_methods: frozenset[str] = frozenset()
-    if isinstance(site.call.func, cst.Attribute) and site.call.func.attr.value in RELEASED_BY_RECEIVER:
-        receiver = _dotted(site.call.func.value)
-        release_methods = RELEASED_BY_RECEIVER[site.call.func.attr.value]
+    own = RELEASE_METHODS | frozenset(getattr(product, "release_methods", ()))
+    on_receiver = frozenset(getattr(product, "release_on_source", ())) or DEFAULT_ON_RECEIVER
+    receiver = _dotted(site.call.func.value) if isinstance(site.call.func, cst.Attribute) else None
+    release = _Release(name, own, receiver, on_receiver)
 
     release_at = [
-        i
-        for i, s in enumerate(rest)
-        if _release_statement(s, name, receiver, release_methods)
-        or _finally_only_releases(s, name, receiver, release_methods)
+        i for i, s in enumerate(rest) if release.is_statement(s) or release.is_finally_only(s)
     ]
     if len(release_at) > 1:
         raise Declined(f"`{name}` is released in more than one place")
@@ -576,7 +569,7 @@ def _rewrite(module: cst.Module, finding: Finding, resolve: FormResolver) -> cst
             raise Declined(
                 f"`{name}` escapes the block (returned, yielded, stored, passed on or rebound)"
             )
-        if use.attr in RELEASE_METHODS or use.attr in release_methods:
+        if use.attr in own:
             raise Declined(f"`{name}` is released inside a branch or nested statement")
         if use.attr in BORROWING_METHODS:
             raise Declined(f"`{name}.{use.attr}()` returns a result that reads from `{name}` later")
@@ -586,7 +579,7 @@ def _rewrite(module: cst.Module, finding: Finding, resolve: FormResolver) -> cst
     if release_at and after:
         # The statements after the release keep their place; carry the release's comments over.
         released_stmt = rest[release_at[0]]
-        if released_stmt.leading_lines and any(l.comment for l in released_stmt.leading_lines):
+        if any(line.comment for line in released_stmt.leading_lines):
             after[0] = after[0].with_changes(
                 leading_lines=[*released_stmt.leading_lines, *after[0].leading_lines]
             )
@@ -632,13 +625,18 @@ def _parses(source: str, path: str) -> bool:
     return True
 
 
-def _one_pass(
-    source: str,
-    path: str,
-    config: Config | None,
-    findings: list[Finding],
-    resolve: FormResolver,
-) -> FixOutcome:
+def _context(module: cst.Module, source: str, path: str, config: Config) -> _Context:
+    from connguard.checkers import engine
+
+    resolver = engine.resolver_for(config)
+    try:
+        module_name = engine._module_of(path, resolver)[0]
+    except Exception:  # a path we cannot place in a package: no project-relative imports
+        module_name = None
+    return _Context(module, source, config.table, resolver, module_name)
+
+
+def _one_pass(source: str, path: str, config: Config, findings: list[Finding]) -> FixOutcome:
     outcome = FixOutcome(source=source, original=source)
     fixable: list[Finding] = []
     seen: set[tuple[int, int]] = set()
@@ -656,13 +654,14 @@ def _one_pass(
     except cst.ParserSyntaxError:
         outcome.declined = [(f, "the file does not parse") for f in fixable]
         return outcome
+    ctx = _context(module, source, path, config)
 
     current_source, current_findings = source, findings
     # Bottom-up: a rewrite only moves lines below the creation, so the positions of the findings
     # still to do (all above) stay valid.
     for finding in sorted(fixable, key=lambda f: (f.line, f.col), reverse=True):
         try:
-            new_module = _rewrite(module, finding, resolve)
+            new_module = _rewrite(module, finding, ctx)
             new_source = new_module.code
             if new_source == current_source:
                 raise Declined("the rewrite changed nothing")
@@ -690,17 +689,20 @@ def fix_source(
     source: str,
     path: str,
     config: Config | None = None,
-    *,
-    resolve: FormResolver = default_form,
 ) -> FixOutcome:
-    """Rewrite what can safely become `async with`; unverifiable -> the source comes back unchanged."""
+    """Rewrite what can safely become `async with`; anything unverifiable: source unchanged."""
+    if config is None:
+        from connguard.checkers.config import Config as _Config
+        from connguard.checkers.engine import config_for_path
+
+        config = config_for_path(path) if path not in ("-", "") else _Config()
     findings = _check(source, path, config)
-    outcome = _one_pass(source, path, config, findings, resolve)
+    outcome = _one_pass(source, path, config, findings)
     if not outcome.applied:
         outcome.source = source
         return outcome
     # Idempotence: the fixed text must be a fixed point of the fixer, or none of it is trusted.
-    again = _one_pass(outcome.source, path, config, _check(outcome.source, path, config), resolve)
+    again = _one_pass(outcome.source, path, config, _check(outcome.source, path, config))
     if again.applied or again.source != outcome.source:
         reason = "the fix is not stable (a second run would change the file again)"
         return FixOutcome(
@@ -729,7 +731,7 @@ def render_diff(old: str, new: str, path: str) -> str:
 
 
 def read_source(path: str | Path) -> str:
-    """The file's text exactly as stored (newlines untouched); UnicodeDecodeError/OSError propagate."""
+    """The file's text exactly as stored (newlines untouched); decode/OS errors propagate."""
     with open(path, encoding="utf-8", newline="") as fh:
         return fh.read()
 

@@ -1,0 +1,7 @@
+import psycopg
+
+
+async def now(dsn: str):
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT now()")
+        return await cur.fetchone()

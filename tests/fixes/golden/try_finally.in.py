@@ -1,0 +1,15 @@
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+engine = create_async_engine("sqlite+aiosqlite:///:memory:")
+
+
+async def names() -> list[str]:
+    session = AsyncSession(engine)
+    await session.execute(text("SELECT 1"))
+    try:
+        result = await session.execute(text("SELECT 'beta'"))
+        rows = list(result.scalars().all())
+    finally:
+        session.close()
+    return rows
