@@ -1,0 +1,411 @@
+"""The leak detector: pytest hooks that decide, per test and per wider-scoped fixture, what leaked.
+
+Registered by plugin.py only with --leak-check. Per test:
+
+1. setup: the test becomes the fallback owner; each fixture being set up is the owner while it
+   runs (and, through a context variable, for the tasks and threads it starts).
+2. end of the call phase: a connection still held by a task the test started and that is still
+   running is a leak, even if a later teardown cancels that task.
+3. after the test's function-scoped fixtures are finalized, and before any wider-scoped fixture
+   is: the test's open records, plus checkouts whose proxy the garbage collector reclaimed, plus
+   backends that appeared on the server that the ledger cannot explain, are its leaks.
+   Ordering: our check is the first finalizer registered on the item, so pytest runs it last
+   among the item's finalizers, i.e. after every function-scoped fixture's teardown (which may
+   legitimately close what the test used) and before class/module/session fixtures and the
+   provisioner's janitor (which might terminate backends).
+4. a wider-scoped fixture is checked when pytest finalizes it, and blamed for what it opened.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import asdict
+from typing import Any
+
+import pytest
+
+from . import settings
+from .ledger import CURRENT_OWNER, Ledger, Owner, PoolInfo, Record, user_frames
+from .observer import Backend, Observer, ObserverError
+from .report import (
+    Leak,
+    Outcome,
+    StaticCheck,
+    Warning_,
+    fill_backend,
+    format_outcome,
+    format_summary,
+    locate,
+    location,
+    write_json,
+)
+
+ALLOW_MARKER = "allow_connection_leak"
+_PROPERTY = "connguard_leak_check"
+
+
+class ConnectionLeakWarning(pytest.PytestWarning):
+    """A leak or finding reported without failing the test (mode warn or a warning category)."""
+
+
+class LeakDetector:
+    def __init__(self, config: pytest.Config, database: Any) -> None:
+        self.config = config
+        self.database = database
+        self.root = str(config.rootpath)
+        self.outcomes: list[dict[str, Any]] = []  # every outcome of the run, for summary/JSON
+        self._static = StaticCheck()
+        self._item: pytest.Item | None = None
+        self._test_owner: Owner | None = None
+        self._global_owner: Owner | None = None
+        self._registered = False
+        self._checked = False
+        self._item_outcomes: list[Outcome] = []
+        self._task_held: list[Record] = []
+        self._wide: dict[Any, Owner] = {}
+        self._before: dict[int, Backend] = {}
+        self.ledger: Ledger | None = None
+        self.observer: Observer | None = None
+        if database is None:  # the xdist controller runs no tests: it only summarizes
+            return
+        try:
+            self.observer = Observer(database.admin_url, database.dbname)
+        except ObserverError as error:
+            raise pytest.UsageError(f"connguard: {error}") from None
+        self.ledger = Ledger(lambda: self._global_owner)
+        self.ledger.install()
+
+    # -- lifecycle
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self.ledger is not None:
+            self.ledger.uninstall()
+        if self.observer is not None:
+            self.observer.close()
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        for item in items:
+            settings.check_marker(item)
+            for marker in item.iter_markers(ALLOW_MARKER):
+                reason = marker.kwargs.get("reason", marker.args[0] if marker.args else None)
+                if not isinstance(reason, str) or not reason.strip():
+                    raise pytest.UsageError(
+                        f"@pytest.mark.{ALLOW_MARKER} on {item.nodeid} needs a reason: "
+                        f'@pytest.mark.{ALLOW_MARKER}(reason="why this test keeps a connection")'
+                    )
+
+    # -- per test
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item):
+        if self.ledger is not None:
+            self._begin(item)
+        yield
+
+    def _begin(self, item: pytest.Item) -> None:
+        self._item = item
+        self._test_owner = Owner("test", item.nodeid, "function", item.nodeid)
+        self._global_owner = self._test_owner
+        self._registered = False
+        self._checked = False
+        self._item_outcomes = []
+        self._task_held = []
+        for info in self.ledger.pools:
+            info.peak = info.checked_out
+        last = self.observer.last
+        self._before = last if last is not None else self.observer.snapshot()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef: Any, request: Any):
+        item = self._item
+        if self.ledger is None or item is None:
+            yield
+            return
+        if not self._registered:
+            self._registered = True
+            item.addfinalizer(self._check_item)
+        scope = fixturedef.scope
+        nodeid = item.nodeid if scope == "function" else (fixturedef.baseid or "")
+        owner = Owner("fixture", fixturedef.argname, scope, nodeid)
+        if scope != "function":
+            self._wide[fixturedef] = owner
+        previous = self._global_owner
+        self._global_owner = owner
+        token = CURRENT_OWNER.set(owner)
+        yield
+        try:
+            CURRENT_OWNER.reset(token)
+        except ValueError:  # a plugin switched contexts under us; the value is still ours
+            CURRENT_OWNER.set(None)
+        self._global_owner = previous
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item):
+        if self.ledger is None or self._test_owner is None:
+            yield
+            return
+        token = CURRENT_OWNER.set(self._test_owner)
+        yield
+        try:
+            CURRENT_OWNER.reset(token)
+        except ValueError:
+            CURRENT_OWNER.set(None)
+        self._flag_running_tasks()
+
+    def _flag_running_tasks(self) -> None:
+        owner = self._test_owner
+        for record in self.ledger.open_records(lambda o: o is owner):
+            task = record.task() if record.task is not None else None
+            if task is not None and not task.done():
+                record.held_by_task = task.get_name()
+                self._task_held.append(record)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None):
+        if self.ledger is not None and self._item is item and not self._registered:
+            # No fixture was set up for this test, so nothing function-scoped to wait for.
+            self._check_item()
+        yield
+        if self.ledger is not None:
+            self._global_owner = None
+            self._item = None
+
+    def _check_item(self) -> None:
+        item = self._item
+        if self._checked or item is None:
+            return
+        self._checked = True
+        nodeid = item.nodeid
+
+        def belongs(owner: Owner | None) -> bool:
+            return owner is not None and owner.scope == "function" and owner.nodeid == nodeid
+
+        outcome = self._evaluate(belongs, nodeid, nodeid, item, test_level=True)
+        if outcome is not None:
+            self._item_outcomes.append(outcome)
+        self._collect_surfaced(nodeid)
+
+    def pytest_fixture_post_finalizer(self, fixturedef: Any, request: Any) -> None:
+        owner = self._wide.pop(fixturedef, None)
+        if owner is None or self.ledger is None:
+            return
+        nodeid = self._item.nodeid if self._item is not None else owner.label
+        outcome = self._evaluate(lambda o: o is owner, owner.label, nodeid, self._item,
+                                 test_level=False)
+        if outcome is None:
+            return
+        if self._item is not None:
+            self._item_outcomes.append(outcome)
+        else:
+            self.outcomes.append(self._as_dict(outcome))
+
+    def _collect_surfaced(self, current: str) -> None:
+        """GC-reclaimed checkouts of earlier tests, found now: blamed on their owners."""
+        live_wide = set(map(id, self._wide.values()))
+        late = self.ledger.take_reclaimed(
+            lambda o: o is not None and o.nodeid != current and id(o) not in live_wide
+        )
+        by_owner: dict[str, list[Record]] = {}
+        for record in late:
+            by_owner.setdefault(record.owner.label, []).append(record)
+        for label, records in by_owner.items():
+            outcome = Outcome(owner=label, nodeid=current, surfaced_later=True)
+            outcome.leaks = [self._leak(r, {}) for r in records]
+            self._item_outcomes.append(outcome)
+
+    # -- the decision
+
+    def _evaluate(self, belongs, label: str, nodeid: str, item: pytest.Item | None,
+                  test_level: bool) -> Outcome | None:
+        ledger = self.ledger
+        records = ledger.open_records(belongs)
+        if records:
+            # A proxy that is garbage but not yet collected still looks open; collecting
+            # turns it into what it is (a reclaimed leak). Costs tens of ms, so only here.
+            gc.collect()
+            records = ledger.open_records(belongs)
+        leaked = records + ledger.take_reclaimed(belongs)
+        if test_level:
+            leaked += [r for r in self._task_held if r not in leaked]
+        pools = [p for p in ledger.pools if belongs(p.owner) and not p.reported]
+
+        snapshot: dict[int, Backend] | None = None
+        unexplained: list[Backend] = []
+        if test_level:
+            snapshot = self.observer.snapshot()
+            leaked_pids = {r.pid for r in leaked if r.pid is not None}
+            new = set(snapshot) - set(self._before) - leaked_pids
+            if new:
+                snapshot, unexplained = self._explain(new, snapshot)
+        elif leaked:
+            snapshot = self.observer.snapshot()
+
+        warnings_: list[Warning_] = []
+        fail_on = settings.resolve(self.config, "leak_check_fail_on", item)
+        for info in pools:
+            if info.undisposed():
+                info.reported = True
+                warnings_.append(self._pool_warning(info, fail_on))
+        if test_level:
+            warnings_ += self._threshold_warnings(item, fail_on)
+        if snapshot is not None:
+            warnings_ += self._idle_in_transaction(snapshot, leaked, fail_on)
+        self._prune_pools()
+
+        if not leaked and not unexplained and not warnings_:
+            return None
+        outcome = Outcome(owner=label, nodeid=nodeid)
+        if item is not None:
+            for marker in item.iter_markers(ALLOW_MARKER):
+                outcome.allowed = marker.kwargs.get("reason") or (marker.args or ("",))[0]
+                break
+        outcome.leaks = [self._leak(r, snapshot or {}) for r in leaked]
+        for backend in unexplained:
+            leak = Leak(kind="database connection (not seen by the client ledger)", owner=label,
+                        note="a backend of this run's database appeared during the test and "
+                             "no wrapped driver call opened it (an unwrapped driver, a "
+                             "subprocess, or a connect function bound before --leak-check)")
+            fill_backend(leak, backend)
+            outcome.leaks.append(leak)
+        outcome.warnings = warnings_
+        ledger.forget(leaked)
+        return outcome
+
+    def _explain(self, new: set[int], snapshot: dict[int, Backend]):
+        ledger = self.ledger
+        unknown = {pid for pid in new if ledger.explains(pid) is None}
+        if unknown:
+            ledger.scan_pools()
+            unknown = {pid for pid in unknown if ledger.explains(pid) is None}
+        closing = {pid for pid in new if ledger.explains(pid) == "closed"}
+        if unknown or closing:
+            snapshot = self.observer.wait_gone(unknown | closing)
+        return snapshot, [snapshot[pid] for pid in sorted(unknown) if pid in snapshot]
+
+    def _leak(self, record: Record, snapshot: dict[int, Backend]) -> Leak:
+        opened, checked_out, outer = locate(record)
+        leak = Leak(kind=record.kind, owner=record.owner.label if record.owner else "?",
+                    opened_at=opened, checked_out_at=checked_out, called_from=outer,
+                    pid=record.pid)
+        backend = snapshot.get(record.pid) if record.pid is not None else None
+        fill_backend(leak, backend)
+        if record.state == "reclaimed":
+            leak.note = ("never returned: the garbage collector reclaimed it after the test "
+                         "dropped its last reference (SQLAlchemy cleaned it up silently)")
+            if backend is None:
+                leak.state = "closed by the garbage collector"
+        elif record.held_by_task:
+            leak.note = f"held by task {record.held_by_task!r}, still running when the test ended"
+            if backend is None:
+                leak.state = "closed after the test ended (the task was cancelled)"
+        leak.static_check = self._static.verdict(opened)
+        return leak
+
+    def _pool_warning(self, info: PoolInfo, fail_on: frozenset[str]) -> Warning_:
+        frames = user_frames(info.frames)
+        where = location(*frames[0]) if frames else None
+        noun = {"SQLAlchemy engine": "engine", "asyncpg pool": "asyncpg pool",
+                "psycopg pool": "psycopg pool"}.get(info.kind, info.kind)
+        verb = "disposed" if noun == "engine" else "closed"
+        return Warning_(
+            "engine",
+            f"{noun} created by {info.owner.label if info.owner else '?'} was never {verb}; "
+            f"its connections stay open on the server",
+            where, fails="engine" in fail_on)
+
+    def _threshold_warnings(self, item: pytest.Item | None, fail_on: frozenset[str]):
+        threshold = settings.resolve(self.config, "leak_check_pool_threshold", item)
+        found = []
+        for info in self.ledger.pools:
+            if info.capacity and info.peak > threshold * info.capacity:
+                frames = user_frames(info.frames)
+                found.append(Warning_(
+                    "pool-threshold",
+                    f"peak {info.peak} of {info.capacity} connections of a {info.kind} checked "
+                    f"out at once ({info.peak / info.capacity:.0%} > {threshold:.0%})",
+                    location(*frames[0]) if frames else None,
+                    fails="pool-threshold" in fail_on))
+        return found
+
+    def _idle_in_transaction(self, snapshot: dict[int, Backend], leaked: list[Record],
+                             fail_on: frozenset[str]) -> list[Warning_]:
+        found = []
+        for pid, backend in snapshot.items():
+            if not (backend.state or "").startswith("idle in transaction"):
+                continue
+            before = self._before.get(pid)
+            if before is not None and before.state == backend.state:
+                continue
+            record = next((r for r in leaked if r.pid == pid), None)
+            where = locate(record)[0] if record is not None else None
+            found.append(Warning_(
+                "idle-in-transaction",
+                f"connection (backend pid {pid}) left {backend.state}; it holds its locks and "
+                f"snapshot until closed",
+                where, fails="idle-in-transaction" in fail_on))
+        return found
+
+    def _prune_pools(self) -> None:
+        self.ledger.pools = [
+            p for p in self.ledger.pools
+            if p.live > 0 or p.checked_out > 0 or p.target() is not None
+        ]
+
+    # -- reporting
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        result = yield
+        if call.when != "teardown" or self.ledger is None:
+            return
+        outcomes, self._item_outcomes = self._item_outcomes, []
+        self._before = self.observer.last or {}
+        if not outcomes:
+            return
+        report = result.get_result()
+        mode = settings.resolve(self.config, "leak_check_mode", item)
+        text = "\n\n".join(format_outcome(o, self.root) for o in outcomes)
+        failing = mode == "fail" and any(o.fails and not o.surfaced_later for o in outcomes)
+        for outcome in outcomes:
+            report.user_properties.append((_PROPERTY, self._as_dict(outcome, mode)))
+        if failing:
+            if report.passed:
+                report.outcome = "failed"
+                report.longrepr = text
+            else:
+                report.sections.append(("connguard leak check", text))
+        else:
+            item.warn(ConnectionLeakWarning(text))
+
+    def _as_dict(self, outcome: Outcome, mode: str = "fail") -> dict[str, Any]:
+        data = asdict(outcome)
+        data["fails"] = mode == "fail" and outcome.fails and not outcome.surfaced_later
+        return data
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for name, value in getattr(report, "user_properties", ()):
+            if name == _PROPERTY:
+                self.outcomes.append(value)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.outcomes:
+            return
+        terminalreporter.section("connguard leak check")
+        for line in format_summary(self.outcomes, self.root):
+            terminalreporter.line(line)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        path = settings.resolve(self.config, "leak_check_report")
+        if not path or hasattr(self.config, "workerinput"):
+            return
+        base = str(self.config.invocation_params.dir)
+        target = path if os.path.isabs(path) else os.path.join(base, path)
+        write_json(target, self.outcomes, {
+            "tests_with_leaks": sorted({o["nodeid"] for o in self.outcomes if o["leaks"]}),
+        })
+
+
+__all__ = ["ConnectionLeakWarning", "LeakDetector"]

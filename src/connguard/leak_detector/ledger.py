@@ -1,0 +1,763 @@
+"""The client-side ledger: every pool checkout and raw driver connection, who opened it and where.
+
+While the leak check is active the ledger listens to SQLAlchemy pool events (class-level, on
+``Pool``) and wraps the raw entry points of asyncpg, psycopg and psycopg_pool. Each checkout or
+connection becomes a :class:`Record` with its owner (the test, or the fixture being set up),
+the raw frames that opened it and the server backend pid. Recording must stay cheap, so frames
+are kept as ``(code, lineno)`` pairs and only turned into file lines when a leak is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import os
+import sys
+import sysconfig
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import CodeType
+from typing import Any
+
+# One frame of an acquisition stack: the code object and the line being executed.
+Frame = tuple[CodeType, int]
+
+_MAX_FRAMES = 48
+_getframe = sys._getframe
+
+OPEN, CLOSED, RECLAIMED = "open", "closed", "reclaimed"
+
+
+@dataclass(eq=False)
+class Owner:
+    """Who a connection belongs to: a test, or a fixture (with its scope)."""
+
+    kind: str  # "test" | "fixture"
+    name: str  # the test's nodeid, or the fixture's name
+    scope: str = "function"
+    nodeid: str = ""  # the test a function-scoped owner belongs to; the fixture's baseid otherwise
+
+    @property
+    def label(self) -> str:
+        if self.kind == "test":
+            return self.name
+        return f"fixture '{self.name}' ({self.scope} scope)"
+
+
+# The owner of code running in the current context. asyncio tasks and asyncio.to_thread copy
+# the context they were created in, so a background task started by a session fixture keeps
+# the fixture as its owner while it runs during later tests.
+CURRENT_OWNER: contextvars.ContextVar[Owner | None] = contextvars.ContextVar(
+    "connguard_owner", default=None
+)
+
+
+@dataclass(eq=False)
+class Record:
+    """One checkout from a pool or one raw connection, from open to release."""
+
+    kind: str  # "SQLAlchemy session", "asyncpg connection", ...
+    owner: Owner | None
+    frames: list[Frame]
+    pid: int | None = None
+    state: str = OPEN
+    # Weak reference to the SQLAlchemy proxy (its death without a check-in is the GC-hidden
+    # leak), or a strong reference to a raw driver connection (probed with `probe`).
+    ref: Any = None
+    probe: Callable[[Any], bool] | None = None  # object -> still open?
+    task: Any = None  # weakref to the asyncio task that opened it
+    created_frames: list[Frame] | None = None  # where the ORM session holding it was made
+    held_by_task: str | None = None  # set when a still-running task held it at test end
+    pool: PoolInfo | None = None
+
+    def is_open(self) -> bool:
+        if self.state != OPEN:
+            return False
+        if self.probe is not None:
+            target = self.ref
+            try:
+                still_open = bool(self.probe(target))
+            except Exception:  # a half-torn-down driver object: treat as closed
+                still_open = False
+            if not still_open:
+                self.state = CLOSED
+                self.ref = None
+            return still_open
+        return True
+
+
+@dataclass(eq=False)
+class PoolInfo:
+    """A pool or engine created while the check was active."""
+
+    kind: str  # "SQLAlchemy engine", "asyncpg pool", "psycopg pool"
+    owner: Owner | None
+    frames: list[Frame]
+    ref: Any  # weakref (SQLAlchemy, psycopg_pool) or the pool itself (asyncpg has no weakref)
+    capacity: int | None = None
+    checked_out: int = 0
+    peak: int = 0
+    live: int = 0  # physical connections open (SQLAlchemy pools)
+    is_closed: Callable[[Any], bool] | None = None
+    reported: bool = False
+
+    def target(self) -> Any:
+        return self.ref() if isinstance(self.ref, weakref.ref) else self.ref
+
+    def undisposed(self) -> bool:
+        """Still holding server connections: created, used and never disposed/closed."""
+        pool = self.target()
+        if self.is_closed is None:  # SQLAlchemy: disposal closes every pooled connection
+            return self.live > 0
+        if pool is None:
+            return False
+        try:
+            return not self.is_closed(pool)
+        except Exception:
+            return False
+
+
+@dataclass
+class Physical:
+    """A server connection the ledger knows, by backend pid."""
+
+    pid: int
+    pool: PoolInfo | None = None
+    closed: bool = False
+
+
+def capture_frames(skip: int = 1) -> list[Frame]:
+    """The caller's stack as (code, line) pairs, continued through parent greenlets.
+
+    SQLAlchemy's asyncio layer runs the sync pool code inside a greenlet whose stack ends at
+    the greenlet's start; the user's coroutine frames are in the parent greenlet, suspended
+    in its switch().
+    """
+    frames: list[Frame] = []
+    append = frames.append
+    f = _getframe(skip + 1)
+    glet = None
+    while True:
+        while f is not None:
+            append((f.f_code, f.f_lineno))
+            if len(frames) >= _MAX_FRAMES:
+                return frames
+            f = f.f_back
+        greenlet = sys.modules.get("greenlet")
+        if greenlet is None:
+            return frames
+        glet = (glet or greenlet.getcurrent()).parent
+        if glet is None:
+            return frames
+        f = glet.gr_frame
+
+
+# -- which frames belong to the user
+
+_LIBRARY_PACKAGES = (
+    "sqlalchemy",
+    "asyncpg",
+    "psycopg",
+    "psycopg_pool",
+    "greenlet",
+    "asyncio",
+    "pluggy",
+    "_pytest",
+    "pytest",
+    "pytest_asyncio",
+    "xdist",
+    "execnet",
+    "connguard",
+    "anyio",
+    "concurrent",
+    "threading",
+    "contextlib",
+)
+_STDLIB = sysconfig.get_paths().get("stdlib", "") or "\0"
+# Console scripts (.venv/bin/pytest) and the interpreter's own tree are never the user's code.
+_SCRIPTS = tuple({
+    os.path.join(prefix, "bin") + os.sep for prefix in (sys.prefix, sys.base_prefix)
+})
+_is_library_cache: dict[str, bool] = {}
+
+
+def is_library_file(filename: str) -> bool:
+    cached = _is_library_cache.get(filename)
+    if cached is not None:
+        return cached
+    norm = filename.replace("\\", "/")
+    result = (
+        norm.startswith("<")
+        or (norm.startswith(_STDLIB) and "site-packages" not in norm)
+        or norm.startswith(_SCRIPTS)
+        or any(f"/{pkg}/" in norm or norm.endswith(f"/{pkg}.py") for pkg in _LIBRARY_PACKAGES)
+    )
+    _is_library_cache[filename] = result
+    return result
+
+
+def user_frames(frames: list[Frame] | None) -> list[tuple[str, int, str]]:
+    """(filename, line, function) of the frames outside libraries, innermost first."""
+    return [
+        (code.co_filename, lineno, code.co_name)
+        for code, lineno in frames or ()
+        if not is_library_file(code.co_filename)
+    ]
+
+
+# -- driver helpers
+
+
+def _backend_pid(driver_connection: Any) -> int | None:
+    try:
+        if hasattr(driver_connection, "get_server_pid"):  # asyncpg
+            return int(driver_connection.get_server_pid())
+        info = getattr(driver_connection, "info", None)  # psycopg 3
+        if info is not None and hasattr(info, "backend_pid"):
+            return int(info.backend_pid)
+        if hasattr(driver_connection, "get_backend_pid"):  # psycopg2
+            return int(driver_connection.get_backend_pid())
+    except Exception:
+        return None
+    return None
+
+
+def _current_task_ref() -> Any:
+    try:
+        if asyncio._get_running_loop() is None:
+            return None
+        task = asyncio.current_task()
+    except RuntimeError:
+        return None
+    return weakref.ref(task) if task is not None else None
+
+
+def _caller_module(depth: int) -> str:
+    try:
+        return _getframe(depth + 1).f_globals.get("__name__", "") or ""
+    except ValueError:
+        return ""
+
+
+# Code inside these packages opens connections on behalf of a pool the ledger already tracks.
+_POOL_INTERNAL = ("sqlalchemy", "psycopg_pool", "asyncpg", "connguard")
+
+
+class Ledger:
+    """Records connections while installed; `install()` / `uninstall()` bracket the run."""
+
+    def __init__(self, fallback_owner: Callable[[], Owner | None]) -> None:
+        self._fallback_owner = fallback_owner
+        self.open: dict[int, Record] = {}  # key -> record (key: id of rec / connection)
+        self.reclaimed: list[Record] = []  # SQLAlchemy proxies that died without check-in
+        self.pools: list[PoolInfo] = []
+        self.physical: dict[int, Physical] = {}  # pid -> Physical
+        self._sa_pid: dict[int, int] = {}  # id(dbapi connection) -> pid
+        self._sa_pools: dict[int, PoolInfo] = {}  # id(Pool) -> info
+        self._detached: dict[int, Record] = {}  # id(dbapi connection) -> record
+        self._undo: list[Callable[[], None]] = []
+        self._installed: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- owner
+
+    def owner(self) -> Owner | None:
+        owner = CURRENT_OWNER.get()
+        return owner if owner is not None else self._fallback_owner()
+
+    # -- install / uninstall
+
+    def install(self) -> None:
+        """Listen and wrap, for the drivers the user's code can import (never import others)."""
+        self._install_sqlalchemy()
+        self._install_asyncpg()
+        self._install_psycopg()
+        self._install_psycopg_pool()
+
+    def uninstall(self) -> None:
+        while self._undo:
+            undo = self._undo.pop()
+            try:
+                undo()
+            except Exception:
+                pass
+        self._installed = set()
+
+    def _patch(self, owner: Any, name: str, replacement: Any) -> None:
+        original = owner.__dict__[name]
+        setattr(owner, name, replacement)
+        self._undo.append(lambda: setattr(owner, name, original))
+
+    def _importable(self, name: str) -> bool:
+        if name in self._installed:
+            return False
+        if name in sys.modules:
+            return True
+        import importlib.util
+
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    # -- SQLAlchemy
+
+    def _install_sqlalchemy(self) -> None:
+        if not self._importable("sqlalchemy"):
+            return
+        self._installed.add("sqlalchemy")
+        from sqlalchemy import event
+        from sqlalchemy.orm import Session
+        from sqlalchemy.pool import Pool
+
+        listeners = {
+            "connect": self._sa_connect,
+            "checkout": self._sa_checkout,
+            "checkin": self._sa_checkin,
+            "close": self._sa_close,
+            "detach": self._sa_detach,
+            "close_detached": self._sa_close_detached,
+            "invalidate": self._sa_invalidate,
+        }
+        for name, fn in listeners.items():
+            event.listen(Pool, name, fn)
+            self._undo.append(functools.partial(event.remove, Pool, name, fn))
+        event.listen(Session, "after_begin", self._sa_after_begin)
+        self._undo.append(
+            functools.partial(event.remove, Session, "after_begin", self._sa_after_begin)
+        )
+
+        ledger = self
+        original_pool_init = Pool.__dict__["__init__"]
+
+        def pool_init(pool_self: Any, *args: Any, **kwargs: Any) -> None:
+            original_pool_init(pool_self, *args, **kwargs)
+            ledger._sa_pool_created(pool_self)
+
+        self._patch(Pool, "__init__", pool_init)
+
+        original_session_init = Session.__dict__["__init__"]
+
+        def session_init(session_self: Any, *args: Any, **kwargs: Any) -> None:
+            original_session_init(session_self, *args, **kwargs)
+            session_self.__dict__["_connguard_frames"] = capture_frames()
+
+        self._patch(Session, "__init__", session_init)
+
+    def _sa_pool_created(self, pool: Any) -> None:
+        capacity = None
+        overflow = getattr(pool, "_max_overflow", None)
+        size = getattr(pool, "size", None)
+        if overflow is not None and overflow >= 0 and callable(size):
+            try:
+                capacity = int(size()) + int(overflow)
+            except Exception:
+                capacity = None
+        info = PoolInfo(
+            "SQLAlchemy engine",
+            self.owner(),
+            capture_frames(2),
+            weakref.ref(pool),
+            capacity=capacity,
+        )
+        self._sa_pools[id(pool)] = info
+        self.pools.append(info)
+
+    def _sa_pool_info(self, rec: Any) -> PoolInfo | None:
+        pool = getattr(rec, "_ConnectionRecord__pool", None)
+        if pool is None:
+            return None
+        info = self._sa_pools.get(id(pool))
+        if info is None or info.target() is not pool:
+            # A pool created before the check was installed (at import, by a conftest).
+            info = PoolInfo("SQLAlchemy engine", None, [], weakref.ref(pool))
+            self._sa_pools[id(pool)] = info
+        return info
+
+    def _sa_connect(self, dbapi_connection: Any, rec: Any) -> None:
+        pid = _backend_pid(getattr(rec, "driver_connection", None) or dbapi_connection)
+        info = self._sa_pool_info(rec)
+        if info is not None:
+            info.live += 1
+        if pid is not None:
+            self._sa_pid[id(dbapi_connection)] = pid
+            self.physical[pid] = Physical(pid, pool=info)
+            # SQLAlchemy opened it through a wrapped raw connect: the pool owns it now.
+            for key, record in list(self.open.items()):
+                if record.pid == pid and record.probe is not None:
+                    self.open.pop(key, None)
+
+    def _sa_forget(self, dbapi_connection: Any, rec: Any) -> None:
+        pid = self._sa_pid.pop(id(dbapi_connection), None)
+        if pid is not None:
+            physical = self.physical.get(pid)
+            if physical is not None and not physical.closed:
+                physical.closed = True
+                if physical.pool is not None:
+                    physical.pool.live -= 1
+
+    def _sa_checkout(self, dbapi_connection: Any, rec: Any, proxy: Any) -> None:
+        info = self._sa_pool_info(rec)
+        record = Record(
+            "SQLAlchemy connection",
+            self.owner(),
+            capture_frames(),
+            pid=self._sa_pid.get(id(dbapi_connection)),
+            ref=weakref.ref(proxy),
+            task=_current_task_ref(),
+            pool=info,
+        )
+        self.open[id(rec)] = record
+        if info is not None:
+            info.checked_out += 1
+            if info.checked_out > info.peak:
+                info.peak = info.checked_out
+
+    def _sa_after_begin(self, session: Any, transaction: Any, connection: Any) -> None:
+        fairy = getattr(connection, "_dbapi_connection", None)
+        rec = getattr(fairy, "_connection_record", None)
+        record = self.open.get(id(rec)) if rec is not None else None
+        if record is not None and record.created_frames is None:
+            record.kind = "SQLAlchemy session"
+            record.created_frames = session.__dict__.get("_connguard_frames")
+
+    def _sa_release(self, record: Record) -> None:
+        # The proxy is already dead when SQLAlchemy's garbage-collection path checks it in:
+        # the user never released it, so it stays a leak of its owner.
+        if record.ref is not None and record.ref() is None:
+            record.state = RECLAIMED
+            self.reclaimed.append(record)
+        else:
+            record.state = CLOSED
+        if record.pool is not None:
+            record.pool.checked_out -= 1
+
+    def _sa_checkin(self, dbapi_connection: Any, rec: Any) -> None:
+        record = self.open.pop(id(rec), None)
+        if record is not None:
+            self._sa_release(record)
+
+    def _sa_detach(self, dbapi_connection: Any, rec: Any) -> None:
+        record = self.open.pop(id(rec), None)
+        if record is not None:
+            self.open[id(dbapi_connection)] = record
+            self._detached[id(dbapi_connection)] = record
+        self._sa_forget(dbapi_connection, rec)
+
+    def _sa_close_detached(self, dbapi_connection: Any) -> None:
+        record = self._detached.pop(id(dbapi_connection), None)
+        if record is not None:
+            self.open.pop(id(dbapi_connection), None)
+            self._sa_release(record)
+
+    def _sa_close(self, dbapi_connection: Any, rec: Any) -> None:
+        self._sa_forget(dbapi_connection, rec)
+
+    def _sa_invalidate(self, dbapi_connection: Any, rec: Any, exception: Any) -> None:
+        self._sa_forget(dbapi_connection, rec)
+
+    # -- raw drivers
+
+    def _raw(
+        self,
+        kind: str,
+        connection: Any,
+        probe: Callable[[Any], bool],
+        frames: list[Frame],
+        pool: PoolInfo | None = None,
+    ) -> Record:
+        record = Record(
+            kind,
+            self.owner(),
+            frames,
+            pid=_backend_pid(connection),
+            ref=connection,
+            probe=probe,
+            task=_current_task_ref(),
+            pool=pool,
+        )
+        self.open[id(connection)] = record
+        if record.pid is not None:
+            self.physical[record.pid] = Physical(record.pid, pool=pool)
+        if pool is not None:
+            pool.checked_out += 1
+            if pool.checked_out > pool.peak:
+                pool.peak = pool.checked_out
+        return record
+
+    def _released(self, connection: Any) -> None:
+        record = self.open.pop(id(connection), None)
+        if record is not None:
+            record.state = CLOSED
+            record.ref = None
+            if record.pool is not None:
+                record.pool.checked_out -= 1
+
+    def _install_asyncpg(self) -> None:
+        if not self._importable("asyncpg"):
+            return
+        self._installed.add("asyncpg")
+        import asyncpg
+        import asyncpg.pool
+
+        ledger = self
+        original_connect = asyncpg.connect
+
+        @functools.wraps(original_connect)
+        async def connect(*args: Any, **kwargs: Any) -> Any:
+            internal = _caller_module(1).startswith(_POOL_INTERNAL)
+            frames = None if internal else capture_frames()
+            connection = await original_connect(*args, **kwargs)
+            if frames is not None:
+                ledger._raw("asyncpg connection", connection, _asyncpg_open, frames)
+            return connection
+
+        self._patch(asyncpg, "connect", connect)
+
+        pool_cls = asyncpg.pool.Pool
+        original_create_pool = asyncpg.create_pool
+
+        @functools.wraps(original_create_pool)
+        def create_pool(*args: Any, **kwargs: Any) -> Any:
+            pool = original_create_pool(*args, **kwargs)
+            capacity = getattr(pool, "_maxsize", None)
+            ledger.pools.append(
+                PoolInfo(
+                    "asyncpg pool",
+                    ledger.owner(),
+                    capture_frames(),
+                    pool,
+                    capacity=capacity,
+                    is_closed=lambda p: p._closed or p._closing,
+                )
+            )
+            return pool
+
+        self._patch(asyncpg, "create_pool", create_pool)
+        if asyncpg.pool.__dict__.get("create_pool") is original_create_pool:
+            self._patch(asyncpg.pool, "create_pool", create_pool)
+
+        original_acquire = pool_cls.__dict__["_acquire"]
+        original_release = pool_cls.__dict__["release"]
+
+        async def _acquire(pool_self: Any, timeout: Any) -> Any:
+            frames = capture_frames()
+            proxy = await original_acquire(pool_self, timeout)
+            info = next((p for p in ledger.pools if p.ref is pool_self), None)
+            ledger._raw("asyncpg pool connection", proxy, _asyncpg_proxy_open, frames, info)
+            return proxy
+
+        async def release(pool_self: Any, connection: Any, *, timeout: Any = None) -> Any:
+            ledger._released(connection)
+            return await original_release(pool_self, connection, timeout=timeout)
+
+        self._patch(pool_cls, "_acquire", _acquire)
+        self._patch(pool_cls, "release", release)
+
+    def _install_psycopg(self) -> None:
+        if not self._importable("psycopg"):
+            return
+        self._installed.add("psycopg")
+        import psycopg
+
+        ledger = self
+        sync_connect = psycopg.Connection.__dict__["connect"].__func__
+
+        def connect(cls: Any, *args: Any, **kwargs: Any) -> Any:
+            internal = _caller_module(1).startswith(_POOL_INTERNAL)
+            frames = None if internal else capture_frames()
+            connection = sync_connect(cls, *args, **kwargs)
+            if frames is not None:
+                ledger._raw("psycopg connection", connection, _psycopg_open, frames)
+            return connection
+
+        self._patch(psycopg.Connection, "connect", classmethod(connect))
+        if psycopg.__dict__.get("connect") is not None:
+            self._patch(psycopg, "connect", psycopg.Connection.connect)
+
+        async_connect = psycopg.AsyncConnection.__dict__["connect"].__func__
+
+        async def aconnect(cls: Any, *args: Any, **kwargs: Any) -> Any:
+            internal = _caller_module(1).startswith(_POOL_INTERNAL)
+            frames = None if internal else capture_frames()
+            connection = await async_connect(cls, *args, **kwargs)
+            if frames is not None:
+                ledger._raw("psycopg async connection", connection, _psycopg_open, frames)
+            return connection
+
+        self._patch(psycopg.AsyncConnection, "connect", classmethod(aconnect))
+
+    def _install_psycopg_pool(self) -> None:
+        if not self._importable("psycopg_pool"):
+            return
+        self._installed.add("psycopg_pool")
+        import psycopg_pool
+
+        ledger = self
+        for cls, kind in (
+            (psycopg_pool.ConnectionPool, "psycopg pool connection"),
+            (psycopg_pool.AsyncConnectionPool, "psycopg async pool connection"),
+        ):
+            original_init = cls.__dict__["__init__"]
+            is_async = cls is psycopg_pool.AsyncConnectionPool
+
+            def init(
+                pool_self: Any, *args: Any, _orig: Any = original_init, **kwargs: Any
+            ) -> None:
+                _orig(pool_self, *args, **kwargs)
+                ledger.pools.append(
+                    PoolInfo(
+                        "psycopg pool",
+                        ledger.owner(),
+                        capture_frames(),
+                        weakref.ref(pool_self),
+                        capacity=getattr(pool_self, "max_size", None),
+                        is_closed=lambda p: p.closed,
+                    )
+                )
+
+            self._patch(cls, "__init__", init)
+            original_get = cls.__dict__["getconn"]
+            original_put = cls.__dict__["putconn"]
+
+            if is_async:
+
+                async def getconn(
+                    pool_self: Any,
+                    timeout: Any = None,
+                    *,
+                    _orig: Any = original_get,
+                    _kind: str = kind,
+                ) -> Any:
+                    frames = capture_frames()
+                    connection = await _orig(pool_self, timeout=timeout)
+                    ledger._raw(
+                        _kind, connection, _psycopg_open, frames, ledger._pool_info(pool_self)
+                    )
+                    return connection
+
+                async def putconn(
+                    pool_self: Any, connection: Any, *, _orig: Any = original_put
+                ) -> None:
+                    ledger._released(connection)
+                    await _orig(pool_self, connection)
+            else:
+
+                def getconn(
+                    pool_self: Any,
+                    timeout: Any = None,
+                    *,
+                    _orig: Any = original_get,
+                    _kind: str = kind,
+                ) -> Any:
+                    frames = capture_frames()
+                    connection = _orig(pool_self, timeout=timeout)
+                    ledger._raw(
+                        _kind, connection, _psycopg_open, frames, ledger._pool_info(pool_self)
+                    )
+                    return connection
+
+                def putconn(
+                    pool_self: Any, connection: Any, *, _orig: Any = original_put
+                ) -> None:
+                    ledger._released(connection)
+                    _orig(pool_self, connection)
+
+            self._patch(cls, "getconn", getconn)
+            self._patch(cls, "putconn", putconn)
+
+    def _pool_info(self, pool: Any) -> PoolInfo | None:
+        for info in self.pools:
+            if info.target() is pool:
+                return info
+        return None
+
+    # -- queries used by the detector
+
+    def records(self) -> Iterator[Record]:
+        return iter(list(self.open.values()))
+
+    def open_records(self, belongs: Callable[[Owner | None], bool]) -> list[Record]:
+        """Open records of matching owners; raw connections found closed are dropped."""
+        found = []
+        for key, record in list(self.open.items()):
+            if not belongs(record.owner):
+                continue
+            if record.is_open():
+                found.append(record)
+            else:
+                self.open.pop(key, None)
+        return found
+
+    def take_reclaimed(self, belongs: Callable[[Owner | None], bool]) -> list[Record]:
+        taken = [r for r in self.reclaimed if belongs(r.owner)]
+        if taken:
+            self.reclaimed = [r for r in self.reclaimed if not belongs(r.owner)]
+        return taken
+
+    def forget(self, records: list[Record]) -> None:
+        """Stop tracking reported records (and drop strong references to their connections)."""
+        for record in records:
+            for key, value in list(self.open.items()):
+                if value is record:
+                    del self.open[key]
+            record.ref = None
+
+    def explains(self, pid: int) -> str | None:
+        """Why a backend pid exists, as far as the client side knows: None if unknown."""
+        physical = self.physical.get(pid)
+        for record in self.open.values():
+            if record.pid == pid:
+                return "held"
+        if physical is None:
+            return None
+        if physical.closed:
+            return "closed"
+        return "pooled"
+
+    def scan_pools(self) -> None:
+        """Learn the pids of idle connections inside asyncpg and psycopg_pool pools."""
+        for info in self.pools:
+            pool = info.target()
+            if pool is None:
+                continue
+            connections: list[Any] = []
+            holders = getattr(pool, "_holders", None)
+            if holders is not None:  # asyncpg
+                connections = [h._con for h in holders if getattr(h, "_con", None) is not None]
+            else:
+                queue = getattr(pool, "_pool", None)  # psycopg_pool's idle deque
+                if queue is not None:
+                    connections = list(queue)
+            for connection in connections:
+                pid = _backend_pid(connection)
+                if pid is not None and pid not in self.physical:
+                    self.physical[pid] = Physical(pid, pool=info)
+
+
+def _asyncpg_open(connection: Any) -> bool:
+    return not connection.is_closed()
+
+
+def _asyncpg_proxy_open(proxy: Any) -> bool:
+    con = getattr(proxy, "_con", None)
+    return con is not None and not con.is_closed()
+
+
+def _psycopg_open(connection: Any) -> bool:
+    return not connection.closed
+
+
+__all__ = [
+    "CURRENT_OWNER",
+    "Ledger",
+    "Owner",
+    "PoolInfo",
+    "Record",
+    "capture_frames",
+    "is_library_file",
+    "user_frames",
+]
