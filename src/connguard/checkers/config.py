@@ -159,7 +159,8 @@ class Config:
             return resources.build_table(dict(self.extra_factories) or None)
         except (ValueError, KeyError, TypeError) as exc:
             where = self.source or "configuration"
-            raise ConfigError(f"{where}: [tool.connguard] extra-factories: {exc}") from None
+            detail = str(exc).removeprefix("extra-factories: ")
+            raise ConfigError(f"{where}: [tool.connguard] extra-factories: {detail}") from None
 
     @cached_property
     def exclude_spec(self) -> Any:

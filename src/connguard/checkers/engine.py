@@ -121,9 +121,34 @@ def _parse_error(path: str, exc: BaseException) -> Finding:
     return Finding(path, int(line), max(int(col), 1), PARSE_ERROR, f"cannot parse: {message}")
 
 
-def analyse(source: str, path: str, config: Config) -> list[Finding]:
+def _syntax_error(source: str, path: str) -> Finding | None:
+    """CPython's verdict on a file the prefilter let pass unparsed (its C parser costs about a
+    twentieth of a LibCST parse), so that a broken file is CG000 whatever it contains."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compile(source, path, "exec", flags=_ONLY_AST, dont_inherit=True)
+    except SyntaxError as exc:
+        line, col = exc.lineno or 1, exc.offset or 1
+        message = " ".join(str(exc.msg).split())[:200]
+        return Finding(path, max(line, 1), max(col, 1), PARSE_ERROR, f"cannot parse: {message}")
+    except (ValueError, RecursionError, MemoryError) as exc:
+        message = " ".join(str(exc).split())[:200] or type(exc).__name__
+        return Finding(path, 1, 1, PARSE_ERROR, f"cannot parse: {message}")
+    return None
+
+
+_ONLY_AST = 0x400  # ast.PyCF_ONLY_AST, without importing ast
+
+
+def analyse(
+    source: str, path: str, config: Config, *, syntax_check: bool = True
+) -> list[Finding]:
     """Raw findings of every rule (no noqa, no selection). Never raises for any input: a
-    parse error is one CG000 finding, an internal error one CG999 finding."""
+    parse error is one CG000 finding, an internal error one CG999 finding. `syntax_check`
+    also reports CG000 for files the prefilter skips (flake8 reports those as E999 itself)."""
     try:
         from connguard.checkers import resources
 
@@ -133,6 +158,9 @@ def analyse(source: str, path: str, config: Config) -> list[Finding]:
         if not resources.may_hold_resource(source, table) and not resolver.imports_factory(
             source, module, is_package
         ):
+            if syntax_check:
+                error = _syntax_error(source, path)
+                return [error] if error is not None else []
             return []
         if "\x00" in source:
             return [Finding(path, 1, 1, PARSE_ERROR, "cannot parse: source contains a null byte")]
