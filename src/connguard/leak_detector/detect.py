@@ -192,8 +192,9 @@ class LeakDetector:
         if owner is None or self.ledger is None:
             return
         nodeid = self._item.nodeid if self._item is not None else owner.label
-        outcome = self._evaluate(lambda o: o is owner, owner.label, nodeid, self._item,
-                                 test_level=False)
+        outcome = self._evaluate(
+            lambda o: o is owner, owner.label, nodeid, self._item, test_level=False
+        )
         if outcome is None:
             return
         if self._item is not None:
@@ -217,8 +218,9 @@ class LeakDetector:
 
     # -- the decision
 
-    def _evaluate(self, belongs, label: str, nodeid: str, item: pytest.Item | None,
-                  test_level: bool) -> Outcome | None:
+    def _evaluate(
+        self, belongs, label: str, nodeid: str, item: pytest.Item | None, test_level: bool
+    ) -> Outcome | None:
         ledger = self.ledger
         records = ledger.open_records(belongs)
         if records:
@@ -263,10 +265,13 @@ class LeakDetector:
                 break
         outcome.leaks = [self._leak(r, snapshot or {}) for r in leaked]
         for backend in unexplained:
-            leak = Leak(kind="database connection (not seen by the client ledger)", owner=label,
-                        note="a backend of this run's database appeared during the test and "
-                             "no wrapped driver call opened it (an unwrapped driver, a "
-                             "subprocess, or a connect function bound before --leak-check)")
+            leak = Leak(
+                kind="database connection (not seen by the client ledger)",
+                owner=label,
+                note="a backend of this run's database appeared during the test and "
+                "no wrapped driver call opened it (an unwrapped driver, a "
+                "subprocess, or a connect function bound before --leak-check)",
+            )
             fill_backend(leak, backend)
             outcome.leaks.append(leak)
         outcome.warnings = warnings_
@@ -286,14 +291,21 @@ class LeakDetector:
 
     def _leak(self, record: Record, snapshot: dict[int, Backend]) -> Leak:
         opened, checked_out, outer = locate(record)
-        leak = Leak(kind=record.kind, owner=record.owner.label if record.owner else "?",
-                    opened_at=opened, checked_out_at=checked_out, called_from=outer,
-                    pid=record.pid)
+        leak = Leak(
+            kind=record.kind,
+            owner=record.owner.label if record.owner else "?",
+            opened_at=opened,
+            checked_out_at=checked_out,
+            called_from=outer,
+            pid=record.pid,
+        )
         backend = snapshot.get(record.pid) if record.pid is not None else None
         fill_backend(leak, backend)
         if record.state == "reclaimed":
-            leak.note = ("never returned: the garbage collector reclaimed it after the test "
-                         "dropped its last reference (SQLAlchemy cleaned it up silently)")
+            leak.note = (
+                "never returned: the garbage collector reclaimed it after the test "
+                "dropped its last reference (SQLAlchemy cleaned it up silently)"
+            )
             if backend is None:
                 leak.state = "closed by the garbage collector"
         elif record.held_by_task:
@@ -306,14 +318,19 @@ class LeakDetector:
     def _pool_warning(self, info: PoolInfo, fail_on: frozenset[str]) -> Warning_:
         frames = user_frames(info.frames)
         where = location(*frames[0]) if frames else None
-        noun = {"SQLAlchemy engine": "engine", "asyncpg pool": "asyncpg pool",
-                "psycopg pool": "psycopg pool"}.get(info.kind, info.kind)
+        noun = {
+            "SQLAlchemy engine": "engine",
+            "asyncpg pool": "asyncpg pool",
+            "psycopg pool": "psycopg pool",
+        }.get(info.kind, info.kind)
         verb = "disposed" if noun == "engine" else "closed"
         return Warning_(
             "engine",
             f"{noun} created by {info.owner.label if info.owner else '?'} was never {verb}; "
             f"its connections stay open on the server",
-            where, fails="engine" in fail_on)
+            where,
+            fails="engine" in fail_on,
+        )
 
     def _threshold_warnings(self, item: pytest.Item | None, fail_on: frozenset[str]):
         threshold = settings.resolve(self.config, "leak_check_pool_threshold", item)
@@ -321,16 +338,20 @@ class LeakDetector:
         for info in self.ledger.pools:
             if info.capacity and info.peak > threshold * info.capacity:
                 frames = user_frames(info.frames)
-                found.append(Warning_(
-                    "pool-threshold",
-                    f"peak {info.peak} of {info.capacity} connections of a {info.kind} checked "
-                    f"out at once ({info.peak / info.capacity:.0%} > {threshold:.0%})",
-                    location(*frames[0]) if frames else None,
-                    fails="pool-threshold" in fail_on))
+                found.append(
+                    Warning_(
+                        "pool-threshold",
+                        f"peak {info.peak} of {info.capacity} connections of a {info.kind} checked "
+                        f"out at once ({info.peak / info.capacity:.0%} > {threshold:.0%})",
+                        location(*frames[0]) if frames else None,
+                        fails="pool-threshold" in fail_on,
+                    )
+                )
         return found
 
-    def _idle_in_transaction(self, snapshot: dict[int, Backend], leaked: list[Record],
-                             fail_on: frozenset[str]) -> list[Warning_]:
+    def _idle_in_transaction(
+        self, snapshot: dict[int, Backend], leaked: list[Record], fail_on: frozenset[str]
+    ) -> list[Warning_]:
         found = []
         for pid, backend in snapshot.items():
             if not (backend.state or "").startswith("idle in transaction"):
@@ -340,16 +361,21 @@ class LeakDetector:
                 continue
             record = next((r for r in leaked if r.pid == pid), None)
             where = locate(record)[0] if record is not None else None
-            found.append(Warning_(
-                "idle-in-transaction",
-                f"connection (backend pid {pid}) left {backend.state}; it holds its locks and "
-                f"snapshot until closed",
-                where, fails="idle-in-transaction" in fail_on))
+            found.append(
+                Warning_(
+                    "idle-in-transaction",
+                    f"connection (backend pid {pid}) left {backend.state}; it holds its locks and "
+                    f"snapshot until closed",
+                    where,
+                    fails="idle-in-transaction" in fail_on,
+                )
+            )
         return found
 
     def _prune_pools(self) -> None:
         self.ledger.pools = [
-            p for p in self.ledger.pools
+            p
+            for p in self.ledger.pools
             if p.live > 0 or p.checked_out > 0 or p.target() is not None
         ]
 
@@ -403,9 +429,13 @@ class LeakDetector:
             return
         base = str(self.config.invocation_params.dir)
         target = path if os.path.isabs(path) else os.path.join(base, path)
-        write_json(target, self.outcomes, {
-            "tests_with_leaks": sorted({o["nodeid"] for o in self.outcomes if o["leaks"]}),
-        })
+        write_json(
+            target,
+            self.outcomes,
+            {
+                "tests_with_leaks": sorted({o["nodeid"] for o in self.outcomes if o["leaks"]}),
+            },
+        )
 
 
 __all__ = ["ConnectionLeakWarning", "LeakDetector"]

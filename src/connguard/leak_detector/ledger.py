@@ -178,9 +178,7 @@ _LIBRARY_PACKAGES = (
 )
 _STDLIB = sysconfig.get_paths().get("stdlib", "") or "\0"
 # Console scripts (.venv/bin/pytest) and the interpreter's own tree are never the user's code.
-_SCRIPTS = tuple({
-    os.path.join(prefix, "bin") + os.sep for prefix in (sys.prefix, sys.base_prefix)
-})
+_SCRIPTS = tuple({os.path.join(prefix, "bin") + os.sep for prefix in (sys.prefix, sys.base_prefix)})
 _is_library_cache: dict[str, bool] = {}
 
 
@@ -604,9 +602,7 @@ class Ledger:
             original_init = cls.__dict__["__init__"]
             is_async = cls is psycopg_pool.AsyncConnectionPool
 
-            def init(
-                pool_self: Any, *args: Any, _orig: Any = original_init, **kwargs: Any
-            ) -> None:
+            def init(pool_self: Any, *args: Any, _orig: Any = original_init, **kwargs: Any) -> None:
                 _orig(pool_self, *args, **kwargs)
                 ledger.pools.append(
                     PoolInfo(
@@ -660,9 +656,7 @@ class Ledger:
                     )
                     return connection
 
-                def putconn(
-                    pool_self: Any, connection: Any, *, _orig: Any = original_put
-                ) -> None:
+                def putconn(pool_self: Any, connection: Any, *, _orig: Any = original_put) -> None:
                     ledger._released(connection)
                     _orig(pool_self, connection)
 

@@ -178,8 +178,10 @@ def _format_leak(number: int, leak: Leak, root: str | None) -> list[str]:
     else:
         out.append(f"  {number}. {leak.kind} (opening line unknown)")
     if leak.checked_out_at is not None:
-        out.append(f"     connection checked out at {leak.checked_out_at.text(root)}: "
-                   f"{leak.checked_out_at.source}")
+        out.append(
+            f"     connection checked out at {leak.checked_out_at.text(root)}: "
+            f"{leak.checked_out_at.source}"
+        )
     for outer in leak.called_from:
         out.append(f"     called from {outer.text(root)} in {outer.function}")
     if leak.note:

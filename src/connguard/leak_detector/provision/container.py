@@ -24,7 +24,8 @@ ENGINE_TIMEOUT = 3  # seconds for a ping; a missing engine must not hang the run
 USER = "connguard"
 PASSWORD = "connguard"
 # Durability off: nothing in a test server needs to survive a crash.
-SPEED_ARGS = ("-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
+SPEED_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off", "jit=off")
+SPEED_ARGS = tuple(arg for setting in SPEED_SETTINGS for arg in ("-c", setting))
 
 
 def _docker_client(timeout: float = ENGINE_TIMEOUT, docker_host: str | None = None):
@@ -163,6 +164,7 @@ class ContainerProvider:
                 dbname="postgres",
                 driver=None,
             )
+            container.ports.clear()  # Docker rejects port bindings under host networking
             container.with_env("PGPORT", str(self.port))
             container.with_kwargs(network_mode="host", network=None, labels=labels)
             command += ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port)]
