@@ -3,10 +3,12 @@
 Silent until asked: without --leak-check this module registers options and markers and nothing
 else (no driver import, no server). With it:
 
-1. pytest_configure (tryfirst): the process that owns the run (plain pytest, or the xdist
-   controller) chooses a backend and starts a server; xdist workers receive the server through
-   `workerinput["connguard"]`. Every process that runs tests creates its own database and, if
-   `leak_check_url_env` names a variable, sets it to that database's URL before collection.
+1. pytest_load_initial_conftests (tryfirst, before any conftest.py is imported; pytest_configure
+   when that hook did not run): the process that owns the run (plain pytest, or the xdist
+   controller) chooses a backend and starts a server; xdist workers receive it through the
+   environment they inherit (and `workerinput["connguard"]`). Every process that runs tests
+   creates its own database and, if `leak_check_url_env` names a variable, sets it to that
+   database's URL, so an app imported by a conftest.py already sees it.
 2. It registers `connguard.leak_detector.detect.LeakDetector(config, database)` as plugin
    "connguard-leak-detector" (skipped while that module does not exist). On the xdist
    controller, which runs no tests, `database` is None.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import signal
 from pathlib import Path
@@ -28,11 +31,18 @@ from . import settings
 
 RUN_KEY = pytest.StashKey["LeakCheckRun"]()
 WORKERINPUT_KEY = "connguard"
+SHARED_ENV = "CONNGUARD_LEAK_CHECK_SHARED"  # controller -> xdist workers, before their conftests
 BACKEND_ORDER = ("url", "container", "local")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     settings.add_options(parser)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    # Before the first conftest.py is imported: an app imported there reads its URL already.
+    _begin(early_config)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -46,16 +56,26 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "allow_connection_leak(reason): this test leaves a connection open on purpose",
     )
-    if config.option.help or config.option.version:
-        return
+    run = _begin(config)
+    if run is not None:
+        _register_detector(config, run.database)
+
+
+def _begin(config: pytest.Config) -> LeakCheckRun | None:
+    """Start this process's share of the run once; None when --leak-check is off."""
+    if RUN_KEY in config.stash:
+        return config.stash[RUN_KEY]
+    option = getattr(config, "known_args_namespace", None) or config.option
+    if getattr(option, "help", False) or getattr(option, "version", False):
+        return None
     if not settings.resolve(config, "leak_check"):
-        return
+        return None
     settings.validate_all(config)
     run = LeakCheckRun(config)
     config.stash[RUN_KEY] = run
     config.pluginmanager.register(run, "connguard-provision")
     run.start()
-    _register_detector(config, run.database)
+    return run
 
 
 def _register_detector(config: pytest.Config, database) -> None:
@@ -97,12 +117,11 @@ class LeakCheckRun:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.workerinput = getattr(config, "workerinput", None)
-        self.worker_id = self.workerinput["workerid"] if self.workerinput else "main"
-        numprocesses = getattr(config.option, "numprocesses", None) or 0
-        dist = getattr(config.option, "dist", "no")
-        self.is_controller = self.workerinput is None and dist != "no" and numprocesses != 0
-        self.workers = int(numprocesses) if self.is_controller else 1
+        self.shared = _shared_run(config)
+        self.worker_id = os.environ.get("PYTEST_XDIST_WORKER", "gw") if self.shared else "main"
+        planned = 0 if self.shared else _planned_workers(config)
+        self.is_controller = planned > 0
+        self.workers = max(1, planned)
         self.per_test = settings.resolve(config, "leak_check_db_per_test")
         self.url_env = settings.resolve(config, "leak_check_url_env")
         self.provider = None
@@ -115,6 +134,7 @@ class LeakCheckRun:
         self._records: list[Path] = []
         self._saved_env: tuple[str, str | None] | None = None
         self._saved_sigterm = None
+        self._saved_shared: str | None = None
         self._done = False
 
     # -- start
@@ -124,13 +144,16 @@ class LeakCheckRun:
 
         atexit.register(self.finish)
         self._convert_sigterm()
-        shared = (self.workerinput or {}).get(WORKERINPUT_KEY)
-        if shared:
-            self.server = Server.from_dict(shared["server"])
-            self.tag = shared["tag"]
+        if self.shared:
+            self.server = Server.from_dict(self.shared["server"])
+            self.tag = self.shared["tag"]
         else:
             self.tag = run_tag()
             self.server = self._provision()
+        if self.is_controller:
+            # xdist workers are our children and inherit this before they read any conftest.
+            self._saved_shared = os.environ.get(SHARED_ENV)
+            os.environ[SHARED_ENV] = json.dumps(self._shared_info())
         if not self.is_controller:
             self.database = self._create_database()
             if self.url_env:
@@ -232,9 +255,12 @@ class LeakCheckRun:
 
     # -- hooks
 
+    def _shared_info(self) -> dict:
+        return {"server": self.server.to_dict(), "tag": self.tag, "controller_pid": os.getpid()}
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node) -> None:
-        node.workerinput[WORKERINPUT_KEY] = {"server": self.server.to_dict(), "tag": self.tag}
+        node.workerinput[WORKERINPUT_KEY] = self._shared_info()
 
     def pytest_report_header(self, config: pytest.Config) -> str:
         server = self.server
@@ -285,6 +311,11 @@ class LeakCheckRun:
         if self.provider is not None:
             with contextlib.suppress(Exception):
                 self.provider.stop()
+        if self.is_controller:
+            if self._saved_shared is None:
+                os.environ.pop(SHARED_ENV, None)
+            else:
+                os.environ[SHARED_ENV] = self._saved_shared
         if self._saved_env is not None:
             name, value = self._saved_env
             if value is None:
@@ -302,6 +333,41 @@ class LeakCheckRun:
         with contextlib.suppress(ValueError):  # not the main thread
             if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
                 self._saved_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _shared_run(config: pytest.Config) -> dict | None:
+    """The server an xdist controller shares with this worker, or None if we are not one."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and WORKERINPUT_KEY in workerinput:
+        return workerinput[WORKERINPUT_KEY]
+    if "PYTEST_XDIST_WORKER" not in os.environ or SHARED_ENV not in os.environ:
+        return None
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        shared = json.loads(os.environ[SHARED_ENV])
+        # A pytest started from inside a worker (pytester) inherits both variables; only
+        # the controller's direct children are its workers.
+        if int(shared["controller_pid"]) == os.getppid():
+            return shared
+    return None
+
+
+def _option(config: pytest.Config, name: str):
+    value = getattr(config.option, name, None)
+    if value is None:
+        value = getattr(getattr(config, "known_args_namespace", None), name, None)
+    return value
+
+
+def _planned_workers(config: pytest.Config) -> int:
+    """How many xdist workers this run will start (0 without xdist)."""
+    if getattr(config, "workerinput", None) is not None or _option(config, "usepdb"):
+        return 0
+    numprocesses = _option(config, "numprocesses")
+    if numprocesses in (None, 0, "0"):
+        return 0
+    if isinstance(numprocesses, str) and not numprocesses.isdigit():
+        return os.cpu_count() or 1  # "auto" / "logical" are resolved later by xdist
+    return int(numprocesses)
 
 
 def _raise_interrupt(signum, frame):
