@@ -112,7 +112,7 @@ DECLINED = {
             await session.execute(q)
             await session.close()
         """,
-        "escapes the block",
+        "is rebound after its creation",
     ),
     "asyncpg_connect": (
         """

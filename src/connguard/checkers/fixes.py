@@ -434,6 +434,9 @@ class _Site:
     annotation: cst.Annotation | None
     call: cst.Call
     awaited: bool
+    in_loop: bool  # a loop inside the function encloses the creation
+    line_of: Any  # node -> its source position
+    parent_of: Any  # node -> its parent
 
 
 def _locate(wrapper: MetadataWrapper, line: int, col: int) -> _Site:
@@ -494,14 +497,48 @@ def _locate(wrapper: MetadataWrapper, line: int, col: int) -> _Site:
     if not isinstance(block, cst.IndentedBlock):
         raise Declined("module-level resource: no block owns it")
     function: cst.CSTNode | None = block
+    in_loop = False
     while function is not None and not isinstance(function, (cst.FunctionDef, cst.Lambda)):
         if isinstance(function, cst.ClassDef):
             function = None
             break
+        in_loop = in_loop or isinstance(function, (cst.For, cst.While))
         function = parents.get(function)
     if not isinstance(function, cst.FunctionDef):
         raise Declined("the creation is not inside a function")
-    return _Site(stmt, block, function, target_expr.value, annotation, call, awaited)
+    return _Site(
+        stmt,
+        block,
+        function,
+        target_expr.value,
+        annotation,
+        call,
+        awaited,
+        in_loop,
+        positions,
+        parents,
+    )
+
+
+def _escape_reason(name: str, parent: cst.CSTNode | None) -> str:
+    """Why a plain use of the resource's name rules the rewrite out, in the user's terms."""
+    if isinstance(parent, cst.Return):
+        how = "is returned"
+    elif isinstance(parent, cst.Yield):
+        how = "is yielded"
+    elif isinstance(parent, (cst.Arg, cst.Await)):
+        how = "is passed on to other code"
+    elif isinstance(parent, (cst.AssignTarget, cst.AsName, cst.For, cst.AugAssign, cst.NameItem)):
+        return f"`{name}` is rebound after its creation; the first one would be left open"
+    elif isinstance(parent, (cst.Element, cst.DictElement, cst.StarredElement)):
+        how = "is stored in a container"
+    elif isinstance(parent, (cst.Assign, cst.AnnAssign, cst.NamedExpr)):
+        how = "is stored under another name"
+    elif isinstance(parent, cst.Del):
+        return f"`{name}` is deleted by hand"
+    else:
+        how = "is used as a value"
+    return f"`{name}` {how}, so it escapes the block (ownership moves elsewhere)"
 
 
 def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
@@ -520,11 +557,15 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
     rest = statements[index + 1 :]
 
     # Every use of the name outside the statements that follow the creation in its block would
-    # see a closed resource (or one from an earlier loop pass): refuse.
+    # see a closed resource: refuse. Uses before the creation see an earlier binding, which is
+    # harmless unless a loop brings the creation round again before them.
     inside_ids = {id(n) for s in [site.stmt, *rest] for n in _walk(s)}
-    elsewhere = [u for u in _uses([site.function.body], name) if id(u.node) not in inside_ids]
-    if elsewhere:
-        raise Declined(f"`{name}` is also used outside the statements after its creation")
+    creation_line = site.line_of[site.stmt].start.line
+    for use in _uses([site.function.body], name):
+        if id(use.node) in inside_ids:
+            continue
+        if site.in_loop or site.line_of[use.node].start.line >= creation_line:
+            raise Declined(f"`{name}` is also used outside the statements after its creation")
     for param in _walk(site.function.params):
         if isinstance(param, cst.Name) and param.value == name:
             raise Declined(f"`{name}` is also a parameter of the function")
@@ -566,9 +607,7 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
         if use.nested:
             raise Declined(f"`{name}` is captured by a nested function, lambda or class")
         if use.kind == "bare":
-            raise Declined(
-                f"`{name}` escapes the block (returned, yielded, stored, passed on or rebound)"
-            )
+            raise Declined(_escape_reason(name, site.parent_of.get(use.node)))
         if use.attr in own:
             raise Declined(f"`{name}` is released inside a branch or nested statement")
         if use.attr in BORROWING_METHODS:
@@ -589,7 +628,9 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
         call = cst.Await(expression=site.call)
     with_node = cst.With(
         items=[cst.WithItem(item=call, asname=cst.AsName(name=cst.Name(name)))],
-        body=cst.IndentedBlock(body=body, header=site.stmt.trailing_whitespace),
+        body=cst.IndentedBlock(
+            body=body, header=site.stmt.trailing_whitespace, indent=site.block.indent
+        ),
         asynchronous=None if form is Form.SYNC else cst.Asynchronous(),
         leading_lines=site.stmt.leading_lines,
     )

@@ -1,0 +1,137 @@
+"""The hook entry points and the codemod command, run the way pre-commit and users run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from connguard.hooks import check_async_resources, fix_async_resources
+
+GOLDEN = Path(__file__).resolve().parents[1] / "fixes" / "golden"
+LEAK = (GOLDEN / "seed_outage.in.py").read_text()
+FIXED = (GOLDEN / "seed_outage.out.py").read_text()
+ESCAPES = """\
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+
+
+async def list_agents(repo):
+    session = AsyncSessionLocal()
+    return await repo.list(session)
+"""
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "p"\nversion = "0"\n')
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_fix_hook_rewrites_and_exits_1_then_0(project, capsys):
+    (project / "routes.py").write_text(LEAK)
+    assert fix_async_resources.main(["routes.py"]) == 1
+    out = capsys.readouterr().out
+    assert "routes.py:12:15: CG101 fixed" in out
+    assert (project / "routes.py").read_text() == FIXED
+
+    assert fix_async_resources.main(["routes.py"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_fix_hook_diff_writes_nothing(project, capsys):
+    (project / "routes.py").write_text(LEAK)
+    assert fix_async_resources.main(["--diff", "routes.py"]) == 1
+    out = capsys.readouterr().out
+    assert "+++ b/routes.py" in out
+    assert "+    async with AsyncSessionLocal() as session:" in out
+    assert (project / "routes.py").read_text() == LEAK
+
+
+def test_fix_hook_reports_what_it_declined_and_leaves_the_file(project, capsys):
+    (project / "deps.py").write_text(ESCAPES)
+    assert fix_async_resources.main(["deps.py"]) == 1
+    out = capsys.readouterr().out
+    assert "deps.py:7:" in out and "not fixed: `session` is passed on to other code" in out
+    assert (project / "deps.py").read_text() == ESCAPES
+
+
+def test_fix_hook_honours_selection_and_config(project, capsys):
+    (project / "routes.py").write_text(LEAK)
+    assert fix_async_resources.main(["--select", "CG102", "routes.py"]) == 0
+    assert (project / "routes.py").read_text() == LEAK
+
+    (project / "pyproject.toml").write_text('[tool.connguard]\nexclude = ["generated/"]\n')
+    (project / "generated").mkdir()
+    (project / "generated" / "routes.py").write_text(LEAK)
+    assert fix_async_resources.main(["generated/routes.py"]) == 0
+    assert (project / "generated" / "routes.py").read_text() == LEAK
+    capsys.readouterr()
+
+
+def test_fix_hook_bad_input_is_one_line_and_exit_2(project, capsys):
+    assert fix_async_resources.main(["missing.py"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("missing.py: cannot fix:")
+    assert fix_async_resources.main(["--select", "nonsense", "x.py"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+
+
+def test_check_hook_reports_and_honours_args_and_config(project, capsys):
+    (project / "routes.py").write_text(LEAK)
+    assert check_async_resources.main(["routes.py"]) == 1
+    assert "routes.py:12:15: CG101" in capsys.readouterr().out
+    assert check_async_resources.main(["--select", "CG102", "routes.py"]) == 0
+    capsys.readouterr()
+    (project / "pyproject.toml").write_text('[tool.connguard]\nignore = ["CG101"]\n')
+    assert check_async_resources.main(["routes.py"]) == 0
+
+
+def _cold(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+    return proc, time.perf_counter() - start
+
+
+def test_check_hook_module_runs_cold_and_fast(project):
+    (project / "routes.py").write_text(LEAK)
+    _cold(["-m", "connguard.hooks.check_async_resources", "routes.py"], project)  # warm the disk
+    proc, seconds = _cold(["-m", "connguard.hooks.check_async_resources", "routes.py"], project)
+    assert proc.returncode == 1, proc.stderr
+    assert "routes.py:12:15: CG101" in proc.stdout
+    # The budget is 0.5 s on a developer machine; leave CI noise some room, but not 10x.
+    assert seconds < 1.5, f"cold check of one file took {seconds:.2f}s"
+
+
+def test_libcst_codemod_command(project):
+    target = project / "routes.py"
+    target.write_text(LEAK)
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "libcst.tool",
+            "codemod",
+            "-x",
+            "--no-format",
+            "--hide-progress",
+            "connguard.checkers.codemod.AsyncWithCommand",
+            str(target),
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_text() == FIXED
