@@ -103,6 +103,7 @@ class PoolInfo:
     live: int = 0  # physical connections open (SQLAlchemy pools)
     is_closed: Callable[[Any], bool] | None = None
     reported: bool = False
+    disposed: bool = False
 
     def target(self) -> Any:
         return self.ref() if isinstance(self.ref, weakref.ref) else self.ref
@@ -111,7 +112,7 @@ class PoolInfo:
         """Still holding server connections: created, used and never disposed/closed."""
         pool = self.target()
         if self.is_closed is None:  # SQLAlchemy: disposal closes every pooled connection
-            return self.live > 0
+            return not self.disposed and self.live > 0
         if pool is None:
             return False
         try:
@@ -345,6 +346,18 @@ class Ledger:
 
         self._patch(Session, "__init__", session_init)
 
+        from sqlalchemy.engine import Engine
+
+        original_dispose = Engine.__dict__["dispose"]
+
+        def dispose(engine_self: Any, *args: Any, **kwargs: Any) -> None:
+            info = ledger._sa_pools.get(id(engine_self.pool))
+            if info is not None:
+                info.disposed = True
+            original_dispose(engine_self, *args, **kwargs)
+
+        self._patch(Engine, "dispose", dispose)
+
     def _sa_pool_created(self, pool: Any) -> None:
         capacity = None
         overflow = getattr(pool, "_max_overflow", None)
@@ -486,6 +499,12 @@ class Ledger:
                 pool.peak = pool.checked_out
         return record
 
+    def note_pooled(self, connection: Any) -> None:
+        """A connection a pool opened for itself: its pid is explained while it lives."""
+        pid = _backend_pid(connection)
+        if pid is not None and pid not in self.physical:
+            self.physical[pid] = Physical(pid)
+
     def _released(self, connection: Any) -> None:
         record = self.open.pop(id(connection), None)
         if record is not None:
@@ -499,6 +518,7 @@ class Ledger:
             return
         self._installed.add("asyncpg")
         import asyncpg
+        import asyncpg.connection
         import asyncpg.pool
 
         ledger = self
@@ -511,9 +531,15 @@ class Ledger:
             connection = await original_connect(*args, **kwargs)
             if frames is not None:
                 ledger._raw("asyncpg connection", connection, _asyncpg_open, frames)
+            else:
+                ledger.note_pooled(connection)
             return connection
 
         self._patch(asyncpg, "connect", connect)
+        # asyncpg pools bind asyncpg.connection.connect when created; through the wrapper
+        # their own connections become known (as pooled) without a record.
+        if asyncpg.connection.__dict__.get("connect") is original_connect:
+            self._patch(asyncpg.connection, "connect", connect)
 
         pool_cls = asyncpg.pool.Pool
         original_create_pool = asyncpg.create_pool
@@ -570,6 +596,8 @@ class Ledger:
             connection = sync_connect(cls, *args, **kwargs)
             if frames is not None:
                 ledger._raw("psycopg connection", connection, _psycopg_open, frames)
+            else:
+                ledger.note_pooled(connection)
             return connection
 
         self._patch(psycopg.Connection, "connect", classmethod(connect))
@@ -584,6 +612,8 @@ class Ledger:
             connection = await async_connect(cls, *args, **kwargs)
             if frames is not None:
                 ledger._raw("psycopg async connection", connection, _psycopg_open, frames)
+            else:
+                ledger.note_pooled(connection)
             return connection
 
         self._patch(psycopg.AsyncConnection, "connect", classmethod(aconnect))
@@ -717,6 +747,8 @@ class Ledger:
         for info in self.pools:
             pool = info.target()
             if pool is None:
+                continue
+            if info.is_closed is None:  # SQLAlchemy pools report through events
                 continue
             connections: list[Any] = []
             holders = getattr(pool, "_holders", None)
