@@ -205,7 +205,10 @@ class LeakCheckRun:
             )
         from .provision.local import LocalProvider
 
-        return LocalProvider(max_connections=max_connections)
+        bindir = settings.resolve(self.config, "leak_check_pg_bindir")
+        return LocalProvider(
+            max_connections=max_connections, bindir=Path(bindir) if bindir else None
+        )
 
     def _create_database(self):
         from .provision import Database, janitor, with_database, with_query

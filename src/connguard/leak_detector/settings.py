@@ -171,6 +171,14 @@ SETTINGS: dict[str, Setting] = {
             metavar="bridge|host",
         ),
         Setting(
+            "leak_check_pg_bindir",
+            parse_text,
+            None,
+            "PostgreSQL server binaries for the local backend (default: PATH, pg_config "
+            "--bindir, /usr/lib/postgresql/*/bin newest first, the pgserver wheel)",
+            metavar="DIR",
+        ),
+        Setting(
             "leak_check_url_env",
             parse_env_name,
             None,

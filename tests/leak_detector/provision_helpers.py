@@ -1,0 +1,130 @@
+"""Helpers for the provisioning tests: run pytest in a subprocess, look for what a run left."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REGISTRY = Path(tempfile.gettempdir()) / f"connguard-{os.getuid()}"
+TEST_IMAGE = os.environ.get("CONNGUARD_TEST_IMAGE", "connguard/postgres-local:15")
+
+# A project's conftest that records what the environment held when conftests were imported.
+CONFTEST_RECORDING_URL = """
+import os
+URL_AT_IMPORT = os.environ.get("DATABASE_URL")
+"""
+
+# Real queries through both drivers and both SQLAlchemy forms.
+TEST_FIXTURES_WORK = """
+import asyncio, os
+import conftest
+
+def test_psycopg(connguard_database, connguard_server):
+    import psycopg
+    with psycopg.connect(connguard_database.url) as conn:
+        db, app = conn.execute(
+            "select current_database(), current_setting('application_name')").fetchone()
+    assert db == connguard_database.dbname
+    assert app == connguard_database.application_name
+    assert connguard_server.version.split(".")[0].isdigit()
+    print("BACKEND", connguard_server.backend, "DB", db)
+
+def test_asyncpg(connguard_database):
+    import asyncpg
+    async def main():
+        conn = await asyncpg.connect(connguard_database.url)
+        try:
+            return await conn.fetchval("select current_database()")
+        finally:
+            await conn.close()
+    assert asyncio.run(main()) == connguard_database.dbname
+
+def test_sqlalchemy(connguard_database):
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+    engine = sa.create_engine(connguard_database.sqlalchemy_url("psycopg"))
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("select current_database()")) == connguard_database.dbname
+    engine.dispose()
+    async def main():
+        engine = create_async_engine(connguard_database.sqlalchemy_url("asyncpg"))
+        async with engine.connect() as conn:
+            name = await conn.scalar(sa.text("select current_database()"))
+        await engine.dispose()
+        return name
+    assert asyncio.run(main()) == connguard_database.dbname
+
+def test_url_env_set_before_conftest(connguard_database):
+    assert conftest.URL_AT_IMPORT == connguard_database.plain_url
+    assert os.environ["DATABASE_URL"] == connguard_database.plain_url
+"""
+
+
+def run_pytest(project: Path, *args: str, env: dict | None = None, timeout: float = 120):
+    """Run pytest on `project` in a fresh interpreter; returns the CompletedProcess."""
+    full_env = dict(os.environ)
+    for name in list(full_env):
+        if name.startswith(("CONNGUARD_LEAK_CHECK", "PYTEST_XDIST", "PYTEST_ADDOPTS")):
+            del full_env[name]
+    full_env.pop("CONNGUARD_DATABASE_URL", None)
+    full_env.pop("DATABASE_URL", None)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly", *args],
+        cwd=project,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def records() -> list[dict]:
+    found = []
+    for path in REGISTRY.glob("*.json"):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def records_of(pid: int) -> list[dict]:
+    return [record for record in records() if int(record.get("owner_pid", 0)) == pid]
+
+
+def postgres_processes_under(root: str) -> list[int]:
+    """Pids of running postgres processes whose command line names a path under `root`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            argv
+            and argv[0].endswith(b"postgres")
+            and any(arg.startswith(root.encode()) for arg in argv)
+        ):
+            pids.append(int(proc.name))
+    return pids
+
+
+def connguard_temp_dirs() -> set[str]:
+    from connguard.leak_detector.provision.local import scratch_root
+
+    roots = {scratch_root(), tempfile.gettempdir()}
+    return {str(path) for root in roots for path in Path(root).glob("connguard-pg-*")}
+
+
+def databases(admin_url: str) -> set[str]:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        return {row[0] for row in conn.execute("select datname from pg_database")}
