@@ -101,7 +101,8 @@ def test_ini_turns_it_on_and_names_the_url_variable(pytester):
         """
         import os, conftest
         def test_env(connguard_database):
-            assert conftest.URL_AT_IMPORT == os.environ["DATABASE_URL"] == connguard_database.plain_url
+            url = connguard_database.plain_url
+            assert conftest.URL_AT_IMPORT == os.environ["DATABASE_URL"] == url
         """
     )
     result = run_pytest(pytester.path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -116,10 +117,8 @@ def test_bad_marker_value_names_the_test(pytester):
     )
     with pytest.raises(pytest.UsageError) as raised:
         settings.check_marker(item)
-    assert (
-        "@pytest.mark.leak_check(mode='loud') (marker on test_bad_marker_value_names_the_test.py::test_func)"
-        in str(raised.value)
-    )
+    where = "(marker on test_bad_marker_value_names_the_test.py::test_func)"
+    assert f"@pytest.mark.leak_check(mode='loud') {where}" in str(raised.value)
     assert "expected one of fail, warn" in str(raised.value)
 
 
@@ -191,9 +190,8 @@ def test_plugin_module_imports_no_driver():
     # The plugin is loaded by every pytest run in an environment where connguard is installed.
     code = (
         "import sys, connguard.leak_detector.plugin; "
-        "print(sorted(m for m in ('psycopg', 'asyncpg', 'sqlalchemy', 'docker') if m in sys.modules))"
+        "names = ('psycopg', 'asyncpg', 'sqlalchemy', 'docker'); "
+        "print(sorted(m for m in names if m in sys.modules))"
     )
-    import subprocess
-
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
