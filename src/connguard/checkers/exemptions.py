@@ -1,0 +1,198 @@
+"""Named exemptions: the small syntactic facts that move or end ownership of a resource.
+
+Each predicate is one reason a resource is *not* a leak (or one way it is released), with VALID
+examples in `EXAMPLES` that the rule tests run. A false positive is a bug with a home here.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+# Methods of contextlib.(Async)ExitStack that take over a resource or its close callback.
+_EXIT_STACK_METHODS = frozenset({
+    "enter_async_context", "enter_context", "push_async_exit", "push", "push_async_callback",
+    "callback",
+})
+# Calls that take a coroutine (or a resource) and own it from then on.
+_OWNERSHIP_SINKS = frozenset({
+    "create_task", "ensure_future", "start_soon", "start", "run_coroutine_threadsafe",
+    "run_until_complete", "run", "gather", "shield", "wait_for", "as_completed", "wait",
+    "spawn", "submit", "call_soon", "call_soon_threadsafe", "run_in_executor", "timeout",
+    "partial", "setattr", "addCleanup", "addAsyncCleanup", "add_done_callback",
+    "closing", "aclosing", "AsyncExitStack", "ExitStack", "weakref", "finalize",
+})
+# Container methods: the resource now lives in a collection its owner manages.
+_CONTAINER_METHODS = frozenset({
+    "append", "add", "extend", "insert", "put", "put_nowait", "setdefault", "appendleft",
+    "update", "register", "push", "set", "__setitem__", "store", "attach", "track",
+})
+# A helper whose name says it releases what it is given (close_quietly(s), release_conn(c)).
+_RELEASE_WORDS = ("close", "release", "dispose", "cleanup", "clean_up", "shutdown", "teardown",
+                  "terminate", "putconn", "discard", "finaliz", "destroy", "disconnect", "free")
+# Handler types that catch the exception a pending close must survive. `Exception` is accepted
+# too: code that closes and re-raises in `except Exception` is written with release intent, and
+# flagging it would be noise.
+_CATCH_ALL = frozenset({"BaseException", "Exception", "CancelledError", "GeneratorExit"})
+
+
+def is_exit_stack_method(method: str) -> bool:
+    """`await stack.enter_async_context(s)`, `stack.push_async_callback(s.close)`: the stack owns it."""
+    return method in _EXIT_STACK_METHODS
+
+
+def is_ownership_sink(callee: str) -> bool:
+    """`asyncio.create_task(worker(s))`, `tg.create_task(...)`, `closing(s)`: ownership moves."""
+    return callee in _OWNERSHIP_SINKS
+
+
+def is_container_method(method: str) -> bool:
+    """`self._sessions.append(s)`: escapes into a container whose owner manages it."""
+    return method in _CONTAINER_METHODS
+
+
+def is_release_helper(callee: str) -> bool:
+    """`await close_quietly(s)`, `release_connection(conn)`: the helper's name says it releases."""
+    lowered = callee.lower()
+    return any(word in lowered for word in _RELEASE_WORDS)
+
+
+def is_constructor_name(callee: str) -> bool:
+    """`Repository(session)`: a class usually keeps what it is given; its owner must release it."""
+    return bool(callee) and callee[0].isupper() and not callee.isupper()
+
+
+def is_catch_all_handler(handler: cst.ExceptHandler | cst.ExceptStarHandler) -> bool:
+    """`except:`, `except BaseException:`, `except Exception:` (and tuples containing them)."""
+    kind = handler.type
+    if kind is None:
+        return True
+    names = kind.elements if isinstance(kind, cst.Tuple) else (kind,)
+    for item in names:
+        expr = item.value if isinstance(item, cst.Element) else item
+        if isinstance(expr, cst.Name) and expr.value in _CATCH_ALL:
+            return True
+        if isinstance(expr, cst.Attribute) and expr.attr.value in _CATCH_ALL:
+            return True
+    return False
+
+
+def is_generator_cm_decorator(last_name: str) -> bool:
+    """`@contextmanager`/`@asynccontextmanager`: code after `yield` is the exit, run by `with`."""
+    return last_name in ("contextmanager", "asynccontextmanager")
+
+
+def is_fixture_decorator(last_name: str) -> bool:
+    """`@pytest.fixture`: pytest resumes the generator for teardown even when the test failed,
+    so the code after `yield` always runs (no exception is thrown into the fixture)."""
+    return last_name in ("fixture", "yield_fixture", "async_fixture")
+
+
+def is_shielding_with(item_text: str) -> bool:
+    """`with anyio.CancelScope(shield=True):` / `move_on_after(..., shield=True)` protects an await."""
+    return "shield" in item_text
+
+
+# VALID examples, one per exemption; tests assert none of them is flagged.
+EXAMPLES: dict[str, str] = {
+    "exit-stack": """
+from contextlib import AsyncExitStack
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+
+async def run():
+    async with AsyncExitStack() as stack:
+        session = await stack.enter_async_context(AsyncSessionLocal())
+        stack.push_async_callback(session.close)
+        return await session.execute("select 1")
+""",
+    "ownership-sink": """
+import asyncio
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+
+async def worker(session):
+    async with session:
+        await session.execute("select 1")
+
+async def run():
+    asyncio.create_task(worker(AsyncSessionLocal()))
+""",
+    "container": """
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+
+class Pool:
+    def __init__(self):
+        self._sessions = []
+
+    def open(self):
+        self._sessions.append(AsyncSessionLocal())
+""",
+    "release-helper": """
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+from app.util import close_quietly
+
+async def run():
+    session = AsyncSessionLocal()
+    try:
+        await session.execute("select 1")
+    finally:
+        await close_quietly(session)
+""",
+    "constructor": """
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+from app.repo import Repository
+
+def make_repository():
+    session = AsyncSessionLocal()
+    repository = Repository(session)
+    return repository
+""",
+    "catch-all-handler": """
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+
+async def make():
+    session = AsyncSessionLocal()
+    try:
+        await session.execute("select 1")
+    except BaseException:
+        await session.close()
+        raise
+    return session
+""",
+    "generator-cm": """
+from contextlib import asynccontextmanager
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+
+@asynccontextmanager
+async def session_scope():
+    session = AsyncSessionLocal()
+    try:
+        yield session
+    finally:
+        await session.close()
+""",
+    "fixture": """
+import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+
+@pytest.fixture
+async def session():
+    session = AsyncSessionLocal()
+    yield session
+    await session.close()
+""",
+}
