@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import pytest
 
 REGISTRY = Path(tempfile.gettempdir()) / f"connguard-{os.getuid()}"
 TEST_IMAGE = os.environ.get("CONNGUARD_TEST_IMAGE", "connguard/postgres-local:15")
@@ -61,6 +64,19 @@ def test_sqlalchemy(connguard_database):
 def test_url_env_set_before_conftest(connguard_database):
     assert conftest.URL_AT_IMPORT == connguard_database.plain_url
     assert os.environ["DATABASE_URL"] == connguard_database.plain_url
+"""
+
+# The test announces where its server lives, then waits to be interrupted.
+TEST_WAITS = """
+import json, os, time
+from pathlib import Path
+
+def test_wait(connguard_server, connguard_database):
+    details = connguard_server.details
+    Path(os.environ["STARTED_FILE"]).write_text(json.dumps({
+        "pid": os.getpid(), "root": details.get("socket_dir"), "dbname": connguard_database.dbname,
+        "container_id": details.get("container_id")}))
+    time.sleep(60)
 """
 
 
@@ -128,3 +144,22 @@ def databases(admin_url: str) -> set[str]:
 
     with psycopg.connect(admin_url, autocommit=True) as conn:
         return {row[0] for row in conn.execute("select datname from pg_database")}
+
+
+def start_waiting_run(project: Path, started: Path, *args: str, extra: dict | None = None):
+    """Start pytest --leak-check on a project whose test writes `started` and then sleeps."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONNGUARD_")}
+    env = {**env, **(extra or {})}
+    env["STARTED_FILE"] = str(started)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--leak-check", "-q", *args],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the inner run did not reach its test:\n" + process.communicate()[0])
+        time.sleep(0.05)
+    time.sleep(0.05)  # the file is written before the write returns; let it land
+    return process

@@ -216,25 +216,11 @@ class LeakCheckRun:
         worker = self.worker_id.replace("-", "_")
         dbname = f"connguard_{self.tag}_{worker}".lower()
         application_name = f"connguard-{self.tag}-{worker}"
-        self._records.append(
-            janitor.register(
-                f"db-{dbname}",
-                kind="database",
-                dbname=dbname,
-                server=janitor.server_identity(self.server.url),
-            )
-        )
+        self._remember_database(dbname)
         janitor.create_database(self.server.url, dbname)
         if self.per_test:
             self._template = dbname + "_tpl"
-            self._records.append(
-                janitor.register(
-                    f"db-{self._template}",
-                    kind="database",
-                    dbname=self._template,
-                    server=janitor.server_identity(self.server.url),
-                )
-            )
+            self._remember_database(self._template)
             janitor.create_database(self.server.url, self._template)
         url = with_query(with_database(self.server.url, dbname), application_name=application_name)
         return Database(
@@ -245,6 +231,21 @@ class LeakCheckRun:
             server_version=self.server.version,
             backend=self.server.backend,
         )
+
+    def _remember_database(self, dbname: str) -> None:
+        # Only a server that outlives us needs its databases reaped after a kill -9; a local
+        # or container server goes away with everything in it.
+        from .provision import janitor
+
+        if self.server.backend == "url":
+            self._records.append(
+                janitor.register(
+                    f"db-{dbname}",
+                    kind="database",
+                    dbname=dbname,
+                    server=janitor.server_identity(self.server.url),
+                )
+            )
 
     def database_for_test(self, item: pytest.Item):
         """A fresh clone of the (empty) template database, dropped after the test's report."""

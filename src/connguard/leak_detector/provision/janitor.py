@@ -19,6 +19,8 @@ from pathlib import Path
 
 from . import ProvisionError, database_of, mask_password, with_database
 
+DATABASE_RECORD_TTL = 7 * 24 * 3600  # seconds
+
 # -- databases
 
 
@@ -142,11 +144,14 @@ def reap_stale(*, admin_url: str | None = None) -> list[str]:
             elif kind == "container":
                 reaped += _reap_container(record)
             elif kind == "database":
-                if admin_url is None or record.get("server") != server_identity(admin_url):
+                if time.time() - path.stat().st_mtime > DATABASE_RECORD_TTL:
+                    pass  # that server is long gone or never seen again; forget it
+                elif admin_url is None or record.get("server") != server_identity(admin_url):
                     continue
-                drop_databases(admin_url, [record["dbname"]])
-                reaped.append(f"database {record['dbname']}")
-        except ProvisionError:
+                else:
+                    drop_databases(admin_url, [record["dbname"]])
+                    reaped.append(f"database {record['dbname']}")
+        except (ProvisionError, OSError):
             continue  # keep the record; a later run with the engine or server up retries
         unregister(path)
     return reaped
