@@ -336,7 +336,7 @@ class LeakDetector:
         threshold = settings.resolve(self.config, "leak_check_pool_threshold", item)
         found = []
         for info in self.ledger.pools:
-            if info.capacity and info.peak > threshold * info.capacity:
+            if info.capacity and info.capacity > 0 and info.peak > threshold * info.capacity:
                 frames = user_frames(info.frames)
                 found.append(
                     Warning_(

@@ -359,21 +359,10 @@ class Ledger:
         self._patch(Engine, "dispose", dispose)
 
     def _sa_pool_created(self, pool: Any) -> None:
-        capacity = None
-        overflow = getattr(pool, "_max_overflow", None)
-        size = getattr(pool, "size", None)
-        if overflow is not None and overflow >= 0 and callable(size):
-            try:
-                capacity = int(size()) + int(overflow)
-            except Exception:
-                capacity = None
-        info = PoolInfo(
-            "SQLAlchemy engine",
-            self.owner(),
-            capture_frames(2),
-            weakref.ref(pool),
-            capacity=capacity,
-        )
+        # Called at the end of Pool.__init__, before a QueuePool has set its size: the
+        # capacity is read at the first checkout.
+        info = PoolInfo("SQLAlchemy engine", self.owner(), capture_frames(2), weakref.ref(pool),
+                        capacity=-1)
         self._sa_pools[id(pool)] = info
         self.pools.append(info)
 
@@ -384,7 +373,7 @@ class Ledger:
         info = self._sa_pools.get(id(pool))
         if info is None or info.target() is not pool:
             # A pool created before the check was installed (at import, by a conftest).
-            info = PoolInfo("SQLAlchemy engine", None, [], weakref.ref(pool))
+            info = PoolInfo("SQLAlchemy engine", None, [], weakref.ref(pool), capacity=-1)
             self._sa_pools[id(pool)] = info
         return info
 
@@ -412,6 +401,8 @@ class Ledger:
 
     def _sa_checkout(self, dbapi_connection: Any, rec: Any, proxy: Any) -> None:
         info = self._sa_pool_info(rec)
+        if info is not None and info.capacity == -1:
+            info.capacity = _sa_capacity(getattr(rec, "_ConnectionRecord__pool", None))
         record = Record(
             "SQLAlchemy connection",
             self.owner(),
@@ -762,6 +753,18 @@ class Ledger:
                 pid = _backend_pid(connection)
                 if pid is not None and pid not in self.physical:
                     self.physical[pid] = Physical(pid, pool=info)
+
+
+def _sa_capacity(pool: Any) -> int | None:
+    """pool_size + max_overflow of a QueuePool; None when unbounded or not a QueuePool."""
+    overflow = getattr(pool, "_max_overflow", None)
+    size = getattr(pool, "size", None)
+    if overflow is None or overflow < 0 or not callable(size):
+        return None
+    try:
+        return int(size()) + int(overflow)
+    except Exception:
+        return None
 
 
 def _asyncpg_open(connection: Any) -> bool:

@@ -228,7 +228,7 @@ def write_json(path: str | Path, outcomes: list[dict[str, Any]], meta: dict[str,
     data = {
         "version": 1,
         **meta,
-        "leaking": sum(1 for outcome in outcomes if outcome.leaks),
+        "leaking": sum(1 for outcome in outcomes if outcome["leaks"]),
         "results": outcomes,
     }
     target = Path(path)

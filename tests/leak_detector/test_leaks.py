@@ -1,0 +1,254 @@
+"""pytest --leak-check on small projects against a real PostgreSQL: what leaks, what does not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from leak_projects import (
+    CONFTEST,
+    INI_AUTO_SESSION,
+    INI_STRICT_FUNCTION,
+    TEST_CLEAN,
+    TEST_FUNCTION_LOOP,
+    TEST_LEAKY,
+    leak_lines,
+    load_report,
+    marker_line,
+    results_by_owner,
+    run,
+    write_project,
+)
+
+from connguard.leak_detector.provision.local import LocalProvider, find_bindir
+
+pytestmark = pytest.mark.skipif(
+    find_bindir()[0] is None, reason="no PostgreSQL server binaries on this machine"
+)
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    """One local server for this module; each run makes (and drops) its own database on it."""
+    provider = LocalProvider(max_connections=200)
+    server = provider.start()
+    try:
+        yield server.url
+    finally:
+        provider.stop()
+
+
+EXPECTED_KINDS = {
+    "test_never_closed_session": ["SQLAlchemy session"],
+    "test_close_skipped_by_exception": ["SQLAlchemy session"],
+    "test_gc_reclaimed_session": ["SQLAlchemy session"],
+    "test_asyncpg_not_closed": ["asyncpg connection"],
+    "test_pool_acquire_without_release": ["asyncpg pool connection"],
+    "test_psycopg_async_not_closed": ["psycopg async connection"],
+    "test_function_fixture": ["asyncpg connection"],
+    "test_background_task": ["SQLAlchemy session"],
+    "test_idle_in_transaction": ["asyncpg connection"],
+    "test_thread_sync_session_and_psycopg": ["SQLAlchemy session", "psycopg connection"],
+    "test_timeout_path": ["SQLAlchemy session"],
+    "fixture 'leaky_session_conn' (session scope)": ["asyncpg connection"],
+}
+
+
+@pytest.fixture(scope="module")
+def leaky_run(server_url, tmp_path_factory):
+    project = write_project(
+        tmp_path_factory.mktemp("leaky"), INI_AUTO_SESSION,
+        conftest=CONFTEST, test_leaky=TEST_LEAKY,
+    )  # fmt: skip
+    result = run(project, server_url, "--leak-check-report=report.json", "-rA")
+    return project, result, load_report(project / "report.json")
+
+
+def test_every_leak_fails_its_test_and_names_the_opening_line(leaky_run):
+    project, result, report = leaky_run
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    lines = leak_lines(TEST_LEAKY) | {
+        owner: numbers for owner, numbers in leak_lines(CONFTEST).items()
+    }
+    results = results_by_owner(report)
+    for owner, kinds in EXPECTED_KINDS.items():
+        key = owner if owner.startswith("fixture") else owner
+        if owner.startswith("fixture"):
+            expected_lines = lines["fixture:" + owner.split("'")[1]]
+            expected_file = "conftest.py"
+        else:
+            expected_lines = lines[owner]
+            expected_file = "conftest.py" if owner == "test_function_fixture" else "test_leaky.py"
+        outcome = results[key]
+        assert outcome["fails"], owner
+        assert sorted(leak["kind"] for leak in outcome["leaks"]) == sorted(kinds), owner
+        opened = [(leak["opened_at"]["path"], leak["opened_at"]["line"]) for leak in outcome["leaks"]]
+        assert sorted(line for _, line in opened) == sorted(expected_lines), owner
+        assert all(path.endswith(expected_file) for path, _ in opened), owner
+        for path, line in opened:
+            assert f"opened at {expected_file}:{line}" in out, owner
+    for name in EXPECTED_KINDS:
+        if not name.startswith("fixture"):
+            assert f"ERROR at teardown of {name}" in out
+    # the session fixture's leak fails the teardown of the last test, blamed on the fixture
+    assert "connguard: fixture 'leaky_session_conn' (session scope) leaked 1" in out
+
+
+def test_report_shows_state_query_and_source_line(leaky_run):
+    _, result, report = leaky_run
+    out = result.stdout
+    results = results_by_owner(report)
+    idle_tx = results["test_idle_in_transaction"]["leaks"][0]
+    assert idle_tx["state"] == "idle in transaction"
+    assert idle_tx["last_query"] == "select 1"
+    assert idle_tx["pid"] and idle_tx["client_port"]
+    assert "conn = await asyncpg.connect(URL)  # LEAK test_idle_in_transaction" in out
+    assert "state: idle in transaction, backend pid" in out
+    warnings = [w["category"] for w in results["test_idle_in_transaction"]["warnings"]]
+    assert "idle-in-transaction" in warnings
+    assert results["test_asyncpg_not_closed"]["leaks"][0]["state"] == "idle"
+    # a session that took its connection later names both lines
+    never = results["test_never_closed_session"]["leaks"][0]
+    assert never["checked_out_at"]["source"] == 'await session.execute(text("select 1"))'
+    assert "static check:" in out
+
+
+def test_gc_and_task_leaks_are_explained(leaky_run):
+    _, result, report = leaky_run
+    results = results_by_owner(report)
+    for name in ("test_gc_reclaimed_session", "test_close_skipped_by_exception",
+                 "test_timeout_path"):
+        note = results[name]["leaks"][0]["note"]
+        assert "garbage collector" in note, name
+    task_leak = results["test_background_task"]["leaks"][0]
+    assert "still running when the test ended" in task_leak["note"]
+
+
+def test_undisposed_engine_is_a_warning_by_default(leaky_run):
+    _, result, report = leaky_run
+    results = results_by_owner(report)
+    engine = results["test_undisposed_engine"]
+    assert not engine["fails"] and not engine["leaks"]
+    assert [w["category"] for w in engine["warnings"]] == ["engine"]
+    assert engine["warnings"][0]["location"]["line"] == marker_line(
+        TEST_LEAKY, "# ENGINE test_undisposed_engine"
+    )
+    assert "PASSED test_leaky.py::test_undisposed_engine" in result.stdout
+    summary = result.stdout.split("connguard leak check")[1]
+    assert "WARN test_leaky.py::test_undisposed_engine: engine" in summary
+    assert "FAIL test_leaky.py::test_asyncpg_not_closed: 1 leaked" in summary
+
+
+@pytest.fixture(scope="module")
+def clean_project(tmp_path_factory):
+    return write_project(
+        tmp_path_factory.mktemp("clean"), INI_AUTO_SESSION, conftest=CONFTEST, test_clean=TEST_CLEAN
+    )
+
+
+@pytest.mark.parametrize("extra", [(), ("-p", "xdist", "-n", "2")], ids=["serial", "xdist-n2"])
+def test_clean_suite_passes(server_url, clean_project, extra, tmp_path):
+    report_path = tmp_path / "report.json"
+    result = run(clean_project, server_url, f"--leak-check-report={report_path}", *extra)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "12 passed" in result.stdout
+    assert "connguard: " in result.stdout  # the header: the check really ran
+    assert load_report(report_path)["results"] == []
+
+
+def test_function_loop_strict_mode(server_url, tmp_path):
+    project = write_project(tmp_path, INI_STRICT_FUNCTION, test_fl=TEST_FUNCTION_LOOP)
+    result = run(project, server_url, "--leak-check-report=report.json")
+    out = result.stdout
+    results = results_by_owner(load_report(project / "report.json"))
+    assert sorted(results) == ["test_fl_asyncpg_leak", "test_fl_background_task",
+                               "test_fl_session_leak"], out
+    for name, (line,) in leak_lines(TEST_FUNCTION_LOOP).items():
+        assert f"ERROR at teardown of {name}" in out
+        assert results[name]["leaks"][0]["opened_at"]["line"] == line
+    assert "5 passed" in out and "3 errors" in out, out
+
+
+OPTIONS_TESTS = '''
+import os
+import asyncio
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+URL = os.environ["DATABASE_URL"]
+
+
+@pytest.mark.allow_connection_leak(reason="kept open on purpose")
+async def test_allowed():
+    conn = await asyncpg.connect(URL)
+    await conn.execute("select 1")
+
+
+async def test_undisposed():
+    eng = create_async_engine(URL.replace("postgresql://", "postgresql+asyncpg://"))
+    async with eng.connect() as conn:
+        await conn.execute(text("select 1"))
+
+
+async def test_pool_peak():
+    eng = create_async_engine(URL.replace("postgresql://", "postgresql+asyncpg://"),
+                              pool_size=4, max_overflow=0)
+
+    async def hold():
+        async with eng.connect() as conn:
+            await conn.execute(text("select pg_sleep(0.05)"))
+
+    await asyncio.gather(*(hold() for _ in range(4)))
+    await eng.dispose()
+
+
+@pytest.mark.leak_check(mode="warn")
+async def test_warn_only():
+    conn = await asyncpg.connect(URL)
+    await conn.execute("select 1")
+'''
+
+
+def test_fail_on_threshold_allow_and_warn_mode(server_url, tmp_path):
+    project = write_project(tmp_path, INI_AUTO_SESSION, test_options=OPTIONS_TESTS)
+    result = run(project, server_url, "--leak-check-fail-on=engine,pool-threshold",
+                 "--leak-check-report=report.json", "-rA")
+    out = result.stdout
+    results = results_by_owner(load_report(project / "report.json"))
+    assert results["test_allowed"]["allowed"] == "kept open on purpose"
+    assert not results["test_allowed"]["fails"]
+    assert "PASSED test_options.py::test_allowed" in out
+    assert results["test_undisposed"]["fails"]
+    assert "ERROR at teardown of test_undisposed" in out
+    assert "connguard error [engine]: engine created by" in out
+    peak = results["test_pool_peak"]
+    assert [w["category"] for w in peak["warnings"]] == ["pool-threshold"], out
+    assert "peak 4 of 4 connections" in peak["warnings"][0]["message"]
+    assert "ERROR at teardown of test_pool_peak" in out
+    assert not results["test_warn_only"]["fails"]
+    assert "PASSED test_options.py::test_warn_only" in out
+    assert "ConnectionLeakWarning" in out
+
+
+def test_allow_marker_without_reason_is_a_usage_error(server_url, tmp_path):
+    project = write_project(tmp_path, INI_AUTO_SESSION, test_bad="""
+import pytest
+
+@pytest.mark.allow_connection_leak
+def test_x():
+    pass
+""")
+    result = run(project, server_url)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "allow_connection_leak on test_bad.py::test_x needs a reason" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_report_file_is_json_with_the_leaking_tests(leaky_run):
+    project, _, report = leaky_run
+    assert report["version"] == 1
+    assert "test_leaky.py::test_asyncpg_not_closed" in report["tests_with_leaks"]
+    json.dumps(report)  # round-trips
