@@ -129,7 +129,7 @@ async def test_pool_acquire_without_release(apool):
 
 
 async def test_psycopg_async_not_closed():
-    conn = await psycopg.AsyncConnection.connect(URL, autocommit=True)  # LEAK test_psycopg_async_not_closed
+    conn = await psycopg.AsyncConnection.connect(URL)  # LEAK test_psycopg_async_not_closed
     await conn.execute("select 1")
 
 

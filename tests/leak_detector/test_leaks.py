@@ -73,7 +73,7 @@ def test_every_leak_fails_its_test_and_names_the_opening_line(leaky_run):
     }
     results = results_by_owner(report)
     for owner, kinds in EXPECTED_KINDS.items():
-        key = owner if owner.startswith("fixture") else owner
+        key = owner
         if owner.startswith("fixture"):
             expected_lines = lines["fixture:" + owner.split("'")[1]]
             expected_file = "conftest.py"
@@ -83,10 +83,11 @@ def test_every_leak_fails_its_test_and_names_the_opening_line(leaky_run):
         outcome = results[key]
         assert outcome["fails"], owner
         assert sorted(leak["kind"] for leak in outcome["leaks"]) == sorted(kinds), owner
-        opened = [(leak["opened_at"]["path"], leak["opened_at"]["line"]) for leak in outcome["leaks"]]
+        opened = [(leak["opened_at"]["path"], leak["opened_at"]["line"])
+                  for leak in outcome["leaks"]]
         assert sorted(line for _, line in opened) == sorted(expected_lines), owner
         assert all(path.endswith(expected_file) for path, _ in opened), owner
-        for path, line in opened:
+        for _path, line in opened:
             assert f"opened at {expected_file}:{line}" in out, owner
     for name in EXPECTED_KINDS:
         if not name.startswith("fixture"):
