@@ -1,0 +1,125 @@
+"""The container backend, for real: a local engine, a local image, host networking.
+
+Skipped with the reason when no engine answers or the image is missing, except under
+CONNGUARD_REQUIRE_DOCKER=1 (as .ci/run sets after .ci/docker-up.sh), where that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+from provision_helpers import (
+    CONFTEST_RECORDING_URL,
+    TEST_FIXTURES_WORK,
+    TEST_IMAGE,
+    TEST_WAITS,
+    run_pytest,
+    start_waiting_run,
+)
+
+pytestmark = pytest.mark.docker
+
+# What this machine needs: no Ryuk (its image cannot be pulled) and no gateway guessing.
+TESTCONTAINERS_ENV = {
+    "TESTCONTAINERS_RYUK_DISABLED": "true",
+    "TESTCONTAINERS_HOST_OVERRIDE": "127.0.0.1",
+    "TESTCONTAINERS_CONNECTION_MODE": "docker_host",
+}
+CONTAINER_ARGS = ("--leak-check-db=container", "--leak-check-network=host",
+                  f"--leak-check-image={TEST_IMAGE}")  # fmt: skip
+
+
+def _engine_problem() -> str | None:
+    try:
+        import docker
+    except ImportError:
+        return "the docker SDK is not installed"
+    try:
+        client = docker.from_env(timeout=3)
+        client.ping()
+    except Exception as error:
+        return f"no Docker engine answers ({type(error).__name__})"
+    try:
+        client.images.get(TEST_IMAGE)
+    except docker.errors.ImageNotFound:
+        return f"image {TEST_IMAGE} is missing (build it with .ci/build-postgres-image.sh)"
+    finally:
+        client.close()
+    return None
+
+
+@pytest.fixture(scope="module")
+def docker_client():
+    problem = _engine_problem()
+    if problem:
+        if os.environ.get("CONNGUARD_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"CONNGUARD_REQUIRE_DOCKER=1 but {problem}")
+        pytest.skip(problem)
+    import docker
+
+    client = docker.from_env(timeout=10)
+    yield client
+    client.close()
+
+
+def _exists(client, container_id: str) -> bool:
+    import docker
+
+    try:
+        client.containers.get(container_id)
+    except docker.errors.NotFound:
+        return False
+    return True
+
+
+def _ours(client) -> set[str]:
+    return {c.id for c in client.containers.list(all=True, filters={"label": "org.connguard"})}
+
+
+def test_container_backend_fixtures_work_and_the_container_goes(pytester, docker_client):
+    pytester.makeconftest(CONFTEST_RECORDING_URL)
+    pytester.makepyfile(test_fixtures=TEST_FIXTURES_WORK)
+    before = _ours(docker_client)
+    result = run_pytest(
+        pytester.path, "--leak-check", *CONTAINER_ARGS, "--leak-check-url-env=DATABASE_URL",
+        "-v", "-s", env=TESTCONTAINERS_ENV,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 passed" in result.stdout
+    assert "BACKEND container" in result.stdout
+    header = [line for line in result.stdout.splitlines() if line.startswith("connguard:")]
+    assert f"backend container ({TEST_IMAGE}, host)" in header[0]
+    assert "connguard:***@127.0.0.1" in header[0]
+    assert _ours(docker_client) <= before
+
+
+def test_ctrl_c_removes_the_container(pytester, docker_client):
+    pytester.makepyfile(test_waits=TEST_WAITS)
+    started = pytester.path / "started.json"
+    process = start_waiting_run(pytester.path, started, *CONTAINER_ARGS, extra=TESTCONTAINERS_ENV)
+    facts = json.loads(started.read_text())
+    assert _exists(docker_client, facts["container_id"])
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, output
+    assert not _exists(docker_client, facts["container_id"])
+
+
+def test_kill_9_then_the_next_run_removes_the_container(pytester, docker_client):
+    pytester.makepyfile(test_waits=TEST_WAITS)
+    started = pytester.path / "started.json"
+    process = start_waiting_run(pytester.path, started, *CONTAINER_ARGS, extra=TESTCONTAINERS_ENV)
+    facts = json.loads(started.read_text())
+    process.kill()
+    process.communicate(timeout=30)
+    assert _exists(docker_client, facts["container_id"])  # nothing could clean up
+
+    (pytester.path / "test_waits.py").unlink()
+    pytester.makepyfile(test_next="def test_next(connguard_database):\n    pass\n")
+    # Any backend reaps: the next run here uses the fast local one.
+    result = run_pytest(pytester.path, "--leak-check", "--leak-check-db=local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not _exists(docker_client, facts["container_id"])
