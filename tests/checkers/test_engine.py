@@ -191,3 +191,27 @@ def test_engine_flags_a_maker_imported_through_a_package_reexport(tmp_path):
     root = project(tmp_path)
     findings = engine.check_file(root / "src/app/api.py", Config())
     assert [(f.line, f.code) for f in findings if f.code == "CG101"] == [(6, "CG101")], findings
+
+
+# -- the prefilter never hides a finding ------------------------------------------------------
+def _examples(kind: str):
+    from connguard.checkers.rules import RULES
+
+    for code, rule in sorted(RULES.items()):
+        for index, snippet in enumerate(getattr(rule, kind)):
+            yield pytest.param(code, snippet, id=f"{code}-{kind.lower()}-{index}")
+
+
+@pytest.mark.parametrize("code, snippet", list(_examples("INVALID")))
+def test_every_invalid_example_passes_the_prefilter_and_is_reported(code, snippet, tmp_path):
+    config = Config(extend_select=frozenset({code}))
+    assert engine.may_hold_finding(snippet, str(tmp_path / "example.py"), config)
+    findings = engine.check_source(snippet, str(tmp_path / "example.py"), config)
+    assert code in {f.code for f in findings}, findings
+
+
+@pytest.mark.parametrize("code, snippet", list(_examples("VALID")))
+def test_valid_examples_give_no_finding_of_their_rule_through_the_engine(code, snippet, tmp_path):
+    config = Config(extend_select=frozenset({code}))
+    findings = engine.check_source(snippet, str(tmp_path / "example.py"), config)
+    assert code not in {f.code for f in findings}, findings

@@ -80,6 +80,12 @@ def explain(code: str) -> str:
     if rule is None:
         known = ", ".join(sorted(RULES)) or "none"
         raise UsageError(f"unknown rule code {code!r} (known: {known})")
+    documentation = getattr(rule, "documentation", None)
+    if callable(documentation):
+        text = str(documentation())
+        if not getattr(rule, "DEFAULT_ENABLED", True):
+            text += f"\nThis rule is off by default: enable it with --extend-select {rule.CODE}.\n"
+        return text
     name = getattr(rule, "NAME", "")
     out = [f"{rule.CODE} ({name})" if name else rule.CODE, ""]
     message = getattr(rule, "MESSAGE", "")

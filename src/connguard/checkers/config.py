@@ -82,8 +82,9 @@ def _matches(code: str, prefixes: frozenset[str]) -> bool:
 class Config:
     """What to check and how; the defaults check every rule with the built-in factory table."""
 
-    select: frozenset[str] | None = None  # None: every rule
+    select: frozenset[str] | None = None  # None: every rule that is on by default
     ignore: frozenset[str] = frozenset()
+    extend_select: frozenset[str] = frozenset()
     per_file_ignores: tuple[tuple[str, frozenset[str]], ...] = ()
     exclude: tuple[str, ...] = ()
     extra_factories: Mapping[str, str] = field(default_factory=dict)
@@ -99,12 +100,11 @@ class Config:
     ) -> Config:
         """Command line selection on top of the file's: `select`/`ignore` replace, `extend-*` add."""
         new_select = self.select if select is None else select
-        if extend_select:
-            new_select = None if new_select is None else new_select | extend_select
+        new_extend = self.extend_select | (extend_select or frozenset())
         new_ignore = self.ignore if ignore is None else ignore
         if extend_ignore:
             new_ignore = new_ignore | extend_ignore
-        return replace(self, select=new_select, ignore=new_ignore)
+        return replace(self, select=new_select, ignore=new_ignore, extend_select=new_extend)
 
     def relative(self, path: str) -> str:
         """`path` as a posix path relative to the config root when it lies under it."""
@@ -142,13 +142,15 @@ class Config:
         if code in ENGINE_CODES:
             return code not in ignored
         best_ignore = max((len(p) for p in ignored if code.startswith(p)), default=-1)
-        if self.select is None:
-            best_select = 0
-        else:
-            best_select = max((len(p) for p in self.select if code.startswith(p)), default=-1)
+        selected = self.extend_select | (self.select if self.select is not None else {"CG"})
+        best_select = max((len(p) for p in selected if code.startswith(p)), default=-1)
         if best_select < 0:
             return False
         return best_select > best_ignore
+
+    def named(self, code: str) -> bool:
+        """Is `code` selected by its full name? (rules that are off by default need this)"""
+        return code in self.extend_select or (self.select is not None and code in self.select)
 
     @cached_property
     def table(self) -> Any:
@@ -231,8 +233,6 @@ def config_from_table(table: object, source: Path | None = None) -> Config:
     ignore = _codes(values.get("ignore", []), f"{where} ignore")
     extend_select = _codes(values.get("extend-select", []), f"{where} extend-select")
     extend_ignore = _codes(values.get("extend-ignore", []), f"{where} extend-ignore")
-    if select is not None:
-        select |= extend_select
 
     pfi_raw = values.get("per-file-ignores", {})
     if not isinstance(pfi_raw, dict):
@@ -262,6 +262,7 @@ def config_from_table(table: object, source: Path | None = None) -> Config:
     config = Config(
         select=select,
         ignore=ignore | extend_ignore,
+        extend_select=extend_select,
         per_file_ignores=per_file,
         exclude=tuple(exclude),
         extra_factories=dict(extra),

@@ -20,10 +20,17 @@ from connguard.checkers.config import (
     INTERNAL_ERROR,
     PARSE_ERROR,
     Config,
-    load_config,
+    config_from_table,
+    find_pyproject,
 )
 from connguard.checkers.findings import Finding
-from connguard.checkers.imports import ProjectImports, decode_source, module_name_for
+from connguard.checkers.imports import (
+    ProjectImports,
+    binds_table_name,
+    decode_source,
+    module_name_for,
+    table_names,
+)
 
 # flake8's spelling: `# noqa` alone, or `# noqa: CG101,CG102` (a colon, then codes).
 _NOQA = re.compile(
@@ -70,6 +77,27 @@ class Report:
 _RESOLVERS: dict[int, tuple[Config, ProjectImports]] = {}
 
 
+_TABLE_NAMES: dict[int, tuple[object, frozenset[str]]] = {}
+
+
+def may_hold_finding(source: str, path: str, config: Config) -> bool:
+    """The prefilter, no parse: a resource name in the text (resources.may_hold_resource) AND an
+    import that binds a table name, or else an import of a project module's maker/factory."""
+    from connguard.checkers import resources
+
+    table = config.table
+    resolver = resolver_for(config)
+    module, is_package = _module_of(path, resolver)
+    if resources.may_hold_resource(source, table):
+        entry = _TABLE_NAMES.get(id(table))
+        if entry is None or entry[0] is not table:
+            entry = (table, table_names(table))
+            _TABLE_NAMES[id(table)] = entry
+        if binds_table_name(source, entry[1], module, is_package):
+            return True
+    return resolver.imports_factory(source, module, is_package)
+
+
 def resolver_for(config: Config) -> ProjectImports:
     """The cross-module resolver of this config, shared by all files of this process."""
     entry = _RESOLVERS.get(id(config))
@@ -83,9 +111,20 @@ def resolver_for(config: Config) -> ProjectImports:
     return entry[1]
 
 
-@lru_cache(maxsize=64)
+_DEFAULT_CONFIG = Config()
+_CONFIGS: dict[Path, Config] = {}
+
+
+@lru_cache(maxsize=256)
 def _config_for_dir(directory: str) -> Config:
-    return load_config(Path(directory))
+    # one Config object per pyproject.toml, so every file under it shares one resolver cache
+    found = find_pyproject(Path(directory))
+    if found is None:
+        return _DEFAULT_CONFIG
+    path, data = found
+    if path not in _CONFIGS:
+        _CONFIGS[path] = config_from_table(data["tool"]["connguard"], path)
+    return _CONFIGS[path]
 
 
 def config_for_path(path: str | Path) -> Config:
@@ -150,14 +189,10 @@ def analyse(
     parse error is one CG000 finding, an internal error one CG999 finding. `syntax_check`
     also reports CG000 for files the prefilter skips (flake8 reports those as E999 itself)."""
     try:
-        from connguard.checkers import resources
-
         table = config.table
         resolver = resolver_for(config)
         module, is_package = _module_of(path, resolver)
-        if not resources.may_hold_resource(source, table) and not resolver.imports_factory(
-            source, module, is_package
-        ):
+        if not may_hold_finding(source, path, config):
             if syntax_check:
                 error = _syntax_error(source, path)
                 return [error] if error is not None else []
@@ -168,7 +203,12 @@ def analyse(
 
         return list(
             analysis.check_module(
-                source, path, table=table, imports=resolver, module_name=module
+                source,
+                path,
+                table=table,
+                imports=resolver,
+                module_name=module,
+                enabled=rule_codes(config, path),
             )
         )
     except RecursionError as exc:
@@ -180,6 +220,17 @@ def analyse(
         if _is_parse_error(exc):
             return [_parse_error(path, exc)]
         return [_internal_error(path, exc)]
+
+
+def rule_codes(config: Config, path: str | None = None) -> frozenset[str]:
+    """The rules to run: selected, not ignored, and on by default unless named explicitly."""
+    from connguard.checkers.rules import RULES
+
+    return frozenset(
+        code
+        for code, rule in RULES.items()
+        if config.enabled(code, path) and (getattr(rule, "DEFAULT_ENABLED", True) or config.named(code))
+    )
 
 
 def _module_of(path: str, resolver: ProjectImports) -> tuple[str | None, bool]:
@@ -224,7 +275,9 @@ def check_source(
     if config is None:
         config = config_for_path(path) if path not in ("-", "") else Config()
     findings = analyse(source, path, config)
-    findings = [f for f in findings if config.enabled(f.code, path)]
+    if findings:
+        codes = rule_codes(config, path)
+        findings = [f for f in findings if f.code in codes or (f.code in ENGINE_CODES and config.enabled(f.code, path))]
     if noqa:
         findings = apply_noqa(findings, source)
     return sorted(findings)

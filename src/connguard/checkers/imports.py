@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ _FROM_IMPORT = re.compile(
 )
 _PLAIN_IMPORT = re.compile(r"^[ \t]*import[ \t]+((?:[^\n\\#;]|\\\n)+)", re.MULTILINE)
 _COMMENT = re.compile(r"#[^\n]*")
+_STDLIB = frozenset(getattr(sys, "stdlib_module_names", ()))
 
 
 def iter_from_imports(text: str) -> Iterator[tuple[int, str, list[str]]]:
@@ -114,8 +116,13 @@ class ProjectImports:
         self.roots: list[Path] = []
         self._root_set: set[Path] = set()
         self._found: dict[str, tuple[Path, bool] | None] = {}
-        self._summaries: dict[str, dict[str, Any]] = {}
-        self._in_progress: set[str] = set()
+        self._summaries: dict[str, dict[str, Any]] = {}  # final answers
+        # Answers computed while an import cycle was open: they may miss names that flow
+        # through the cycle, so they are recomputed once when asked for from the top.
+        self._provisional: dict[str, dict[str, Any]] = {}
+        self._stack: list[str] = []
+        self._tainted: set[str] = set()
+        self._skip_roots = frozenset(getattr(table, "roots", ())) | _STDLIB
         for root in roots:
             self.add_root(root)
 
@@ -168,18 +175,34 @@ class ProjectImports:
         cached = self._summaries.get(module)
         if cached is not None:
             return cached
-        if module in self._in_progress:
-            return {}  # an import cycle: the partial answer is the safe one
+        if module.startswith("."):
+            return {}  # a relative import in a module whose own name is unknown
+        if module in self._stack:
+            # an import cycle: whoever asked gets a partial answer, and so is partial itself
+            self._tainted.update(self._stack[self._stack.index(module) + 1 :])
+            return self._provisional.get(module, {})
+        if module in self._provisional and self._stack:
+            self._tainted.add(self._stack[-1])
+            return self._provisional[module]
+        final = not self._stack  # asked from the top: this answer is as good as it gets
         found = self.find(module)
         if found is None:
             return {}
         path, is_package = found
-        self._in_progress.add(module)
+        self._stack.append(module)
         try:
             result = self._summarise(path, module, is_package)
         finally:
-            self._in_progress.discard(module)
-        self._summaries[module] = result
+            self._stack.pop()
+            tainted = module in self._tainted
+            self._tainted.discard(module)
+        if tainted and not final:
+            self._provisional[module] = result
+            if self._stack:
+                self._tainted.add(self._stack[-1])
+        else:
+            self._summaries[module] = result
+            self._provisional.pop(module, None)
         return result
 
     def _summarise(self, path: Path, module: str, is_package: bool) -> dict[str, Any]:
@@ -195,11 +218,12 @@ class ProjectImports:
             return {}
         from connguard.checkers import analysis
 
+        # module_factories has no path to tell a package from a module; naming the package's
+        # __init__ makes its relative imports (`from .db import X`) resolve inside the package
+        name = f"{module}.__init__" if is_package else module
         try:
             return dict(
-                analysis.module_factories(
-                    text, table=self.table, imports=self, module_name=module
-                )
+                analysis.module_factories(text, table=self.table, imports=self, module_name=name)
             )
         except Exception:
             # A module we merely consult must not fail the file being checked: unparsable or
@@ -219,8 +243,8 @@ class ProjectImports:
             return False
         for level, name, names in iter_from_imports(text):
             target = absolute_module(level, name, module, is_package)
-            if target is None:
-                continue
+            if target is None or target.split(".", 1)[0] in self._skip_roots:
+                continue  # the table covers its libraries; the stdlib holds no project makers
             summary = self.summary(target)
             if summary and ("*" in names or any(n in summary for n in names)):
                 return True
@@ -230,6 +254,37 @@ class ProjectImports:
                     if sub != "*" and self.find(f"{target}.{sub}") and self.summary(f"{target}.{sub}"):
                         return True
         for name in iter_plain_imports(text):
+            if name.split(".", 1)[0] in self._skip_roots:
+                continue
             if self.find(name) is not None and self.summary(name):
                 return True
         return False
+
+
+def table_names(table: Any) -> frozenset[str]:
+    """Every qualified name of the table and every module path above one: an import must bind
+    one of these for the analysis (which resolves names, never spells them) to see a creation."""
+    out: set[str] = set()
+    for qualified in (*getattr(table, "factories", ()), *getattr(table, "types", ())):
+        parts = qualified.split(".")
+        for i in range(1, len(parts) + 1):
+            out.add(".".join(parts[:i]))
+    return frozenset(out)
+
+
+def binds_table_name(text: str, names: frozenset[str], module: str | None, is_package: bool) -> bool:
+    """Does `text` import something of the table (`from sqlalchemy.orm import Session`,
+    `import asyncpg`, a relative import that lands on one inside a table library)?"""
+    for level, name, imported in iter_from_imports(text):
+        target = absolute_module(level, name, module, is_package)
+        if target is None or target.split(".", 1)[0] not in names:
+            continue
+        if "*" in imported and target in names:
+            return True
+        for item in imported:
+            if f"{target}.{item}" in names:
+                return True
+    for name in iter_plain_imports(text):
+        if name.split(".", 1)[0] in names:
+            return True
+    return False
