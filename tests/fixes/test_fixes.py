@@ -209,6 +209,8 @@ RUNNABLE = {
     "in_loop": ("touch_all", ([1, 2, 3],)),
     "begin_only": ("rename", ("a", "b")),
     "two_in_one_file": ("second", ()),
+    "in_place": ("names", (7,)),
+    "set_to_none": ("touch", ()),
 }
 
 
@@ -238,6 +240,7 @@ def _run(module, func: str, args: tuple) -> tuple[object, int]:
     return asyncio.run(go())
 
 
+@pytest.mark.filterwarnings("ignore:coroutine 'AsyncSession.close' was never awaited")
 @pytest.mark.parametrize("shape", sorted(RUNNABLE))
 def test_rewritten_code_runs_and_returns_every_connection(shape):
     pytest.importorskip("aiosqlite")
@@ -339,3 +342,20 @@ def test_every_invalid_example_is_fixed_or_declined_with_a_reason(code, example)
     after_lines = {f.line for f in check_source(outcome.source, PATH, CONFIG)}
     assert not after_lines & {f.line for f in outcome.applied}
     assert fix_source(outcome.source, PATH, CONFIG).source == outcome.source
+
+
+def test_in_place_use_gets_a_name_not_taken_in_the_function():
+    source = textwrap.dedent(
+        """
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+        AsyncSessionLocal = async_sessionmaker()
+
+        async def run(q, session):
+            await AsyncSessionLocal().execute(q)
+            return session
+        """
+    ).lstrip()
+    outcome = fix_source(source, PATH, CONFIG)
+    assert [f.line for f in outcome.applied] == [5]
+    assert "    async with AsyncSessionLocal() as session2:\n" in outcome.source
+    assert "        await session2.execute(q)\n    return session\n" in outcome.source

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # The codes whose finding means "this creation is never (safely) released": exactly the ones an
 # `async with` around the rest of the block cures.
-FIXABLE_CODES = frozenset({"CG101", "CG102"})
+FIXABLE_CODES = frozenset({"CG101", "CG102", "CG103", "CG104", "CG105"})
 
 # Methods whose call ends the resource's life; after the rewrite the context manager does this.
 # The resource table adds each kind's own (release_async / release_sync).
@@ -177,7 +177,7 @@ def _form_of(product: Any, awaited: bool) -> Form | str:
     if awaited:
         if not getattr(product, "async_cm", False):
             return f"{name} is not an async context manager; release it in `finally`"
-        if str(getattr(product, "safe_form", "")).startswith("async with await"):
+        if "async with await" in str(getattr(product, "safe_form", "")):
             return Form.ASYNC_AWAITED
         return Form.ASYNC_CALL
     if getattr(product, "async_cm", False):
@@ -413,6 +413,22 @@ class _Release:
         small = stmt.body[0]
         return isinstance(small, cst.Expr) and self.is_call(small.value)
 
+    def is_forget(self, stmt: cst.CSTNode) -> bool:
+        """`name = None` or `del name`: the handle dropped without closing the resource."""
+        if not isinstance(stmt, cst.SimpleStatementLine) or len(stmt.body) != 1:
+            return False
+        small = stmt.body[0]
+        if isinstance(small, cst.Del):
+            return isinstance(small.target, cst.Name) and small.target.value == self.name
+        return (
+            isinstance(small, cst.Assign)
+            and len(small.targets) == 1
+            and isinstance(small.targets[0].target, cst.Name)
+            and small.targets[0].target.value == self.name
+            and isinstance(small.value, cst.Name)
+            and small.value.value == "None"
+        )
+
     def is_finally_only(self, stmt: cst.CSTNode) -> bool:
         """A `try` whose `finally` does nothing but release the resource."""
         if not isinstance(stmt, cst.Try) or stmt.finalbody is None:
@@ -466,11 +482,24 @@ def _locate(wrapper: MetadataWrapper, line: int, col: int) -> _Site:
     stmt = next(iter(statements.values()))
 
     if isinstance(stmt, cst.With):
-        raise Declined("the resource is already entered with `with`; use `async with` by hand")
+        raise _PlainWith(stmt, _enclosing_function(stmt, parents))
     if not isinstance(stmt, cst.SimpleStatementLine):
         raise Declined("the creation is not a simple assignment statement")
     if len(stmt.body) != 1:
         raise Declined("the creation shares its line with other statements")
+    for node in exact:
+        receiver_of = parents.get(node)
+        if (
+            isinstance(node, cst.Call)
+            and isinstance(receiver_of, cst.Attribute)
+            and receiver_of.value is node
+            and isinstance(parents.get(receiver_of), cst.Call)
+        ):
+            # `await AsyncSessionLocal().execute(q)`: used in place by one method call.
+            block = parents.get(stmt)
+            raise _InPlace(
+                stmt, node, receiver_of.attr.value, block, _enclosing_function(stmt, parents)
+            )
     small = stmt.body[0]
     annotation = None
     if isinstance(small, cst.Assign):
@@ -483,7 +512,12 @@ def _locate(wrapper: MetadataWrapper, line: int, col: int) -> _Site:
         value = small.value
         annotation = small.annotation
     else:
-        raise Declined("the resource is not bound to a name (used in place)")
+        if any(isinstance(parents.get(n), cst.Arg) for n in exact):
+            raise Declined(
+                "the resource is passed straight into another call; "
+                "bind it with `async with` around that call by hand"
+            )
+        raise Declined("the resource is not bound to a name")
     if not isinstance(target_expr, cst.Name):
         raise Declined("the resource is bound to an attribute or item, so it outlives the block")
     awaited = isinstance(value, cst.Await)
@@ -491,7 +525,7 @@ def _locate(wrapper: MetadataWrapper, line: int, col: int) -> _Site:
     if not isinstance(call, cst.Call):
         raise Declined("the bound value is not the creating call itself")
     if not any(c is call or c is value for c in candidates):
-        raise Declined("the reported call is not the value bound on that line")
+        raise Declined("the creating call is nested inside the bound expression")
 
     block = parents.get(stmt)
     if not isinstance(block, cst.IndentedBlock):
@@ -520,6 +554,87 @@ def _locate(wrapper: MetadataWrapper, line: int, col: int) -> _Site:
     )
 
 
+class _InPlace(Exception):
+    """The fresh resource is the receiver of one method call inside a statement."""
+
+    def __init__(
+        self,
+        stmt: cst.SimpleStatementLine,
+        call: cst.Call,
+        method: str,
+        block: cst.CSTNode | None,
+        function: cst.FunctionDef | None,
+    ) -> None:
+        super().__init__("in place")
+        self.stmt, self.call, self.method = stmt, call, method
+        self.block, self.function = block, function
+
+
+def _bind_in_place(module: cst.Module, site: _InPlace, ctx: _Context) -> cst.Module:
+    """`return (await F().execute(q)).all()` -> `async with F() as session:` + that statement
+    using `session`: the resource lives exactly as long as the statement that used it."""
+    if not isinstance(site.block, cst.IndentedBlock) or site.function is None:
+        raise Declined("the resource is used in place outside a function block")
+    if site.method in BORROWING_METHODS:
+        raise Declined(f"`{site.method}()` returns a result that reads from the resource later")
+    form, product = resolve_form(ctx, site.call, False, site.function)
+    if isinstance(form, str):
+        raise Declined(form)
+    if form is not Form.SYNC and site.function.asynchronous is None:
+        raise Declined("the enclosing function is not `async def`, so `async with` cannot go there")
+    taken = {n.value for n in _walk(site.function) if isinstance(n, cst.Name)}
+    base = str(getattr(product, "var", "") or "resource")
+    name = base
+    for suffix in range(2, 100):
+        if name not in taken:
+            break
+        name = f"{base}{suffix}"
+    else:
+        raise Declined("no free name to bind the resource to")
+    inner = site.stmt.deep_replace(site.call, cst.Name(name))
+    assert isinstance(inner, cst.SimpleStatementLine)
+    with_node = cst.With(
+        items=[cst.WithItem(item=site.call, asname=cst.AsName(name=cst.Name(name)))],
+        body=cst.IndentedBlock(
+            body=[inner.with_changes(leading_lines=[])], indent=site.block.indent
+        ),
+        asynchronous=None if form is Form.SYNC else cst.Asynchronous(),
+        leading_lines=site.stmt.leading_lines,
+    )
+    return module.deep_replace(site.stmt, with_node)
+
+
+class _PlainWith(Exception):
+    """The creation is an item of a plain `with`: the fix is to make it `async with`."""
+
+    def __init__(self, stmt: cst.With, function: cst.FunctionDef | None) -> None:
+        super().__init__("plain with")
+        self.stmt = stmt
+        self.function = function
+
+
+def _enclosing_function(node: cst.CSTNode, parents: Any) -> cst.FunctionDef | None:
+    current = parents.get(node)
+    while current is not None and not isinstance(current, (cst.FunctionDef, cst.Lambda)):
+        current = parents.get(current)
+    return current if isinstance(current, cst.FunctionDef) else None
+
+
+def _make_async_with(module: cst.Module, plain: _PlainWith, ctx: _Context) -> cst.Module:
+    """`with AsyncSessionLocal() as s:` -> `async with ...`, when every item is an async CM."""
+    if plain.function is None or plain.function.asynchronous is None:
+        raise Declined("the `with` is not inside an `async def`")
+    for item in plain.stmt.items:
+        value = item.item
+        if not isinstance(value, cst.Call):
+            raise Declined("an item of this `with` is not a call we can judge")
+        form, _ = resolve_form(ctx, value, False, plain.function)
+        if form is not Form.ASYNC_CALL:
+            reason = form if isinstance(form, str) else "another item is a sync context manager"
+            raise Declined(f"cannot make the whole `with` async: {reason}")
+    return module.deep_replace(plain.stmt, plain.stmt.with_changes(asynchronous=cst.Asynchronous()))
+
+
 def _escape_reason(name: str, parent: cst.CSTNode | None) -> str:
     """Why a plain use of the resource's name rules the rewrite out, in the user's terms."""
     if isinstance(parent, cst.Return):
@@ -543,7 +658,12 @@ def _escape_reason(name: str, parent: cst.CSTNode | None) -> str:
 
 def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
     wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
-    site = _locate(wrapper, finding.line, finding.col)
+    try:
+        site = _locate(wrapper, finding.line, finding.col)
+    except _PlainWith as plain:
+        return _make_async_with(module, plain, ctx)
+    except _InPlace as in_place:
+        return _bind_in_place(module, in_place, ctx)
     name = site.name
 
     form, product = resolve_form(ctx, site.call, site.awaited, site.function)
@@ -578,9 +698,16 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
     release_at = [
         i for i, s in enumerate(rest) if release.is_statement(s) or release.is_finally_only(s)
     ]
+    forget_at = [i for i, s in enumerate(rest) if release.is_forget(s)]
     if len(release_at) > 1:
         raise Declined(f"`{name}` is released in more than one place")
-    if release_at:
+    kept_forget = 0
+    if not release_at and len(forget_at) == 1:
+        # `session = None` / `del session` where a close belongs: the block ends there, and the
+        # statement stays after it so the name is bound (or unbound) afterwards exactly as before.
+        cut = forget_at[0]
+        body, after, kept_forget = list(rest[:cut]), list(rest[cut:]), 1
+    elif release_at:
         cut = release_at[0]
         released = rest[cut]
         body = list(rest[:cut])
@@ -600,7 +727,7 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
 
     if not body:
         raise Declined(f"nothing uses `{name}` before it is released; delete the creation instead")
-    if _uses(after, name):
+    if _uses(after[kept_forget:], name):
         raise Declined(f"`{name}` is used after it is released")
 
     for use in _uses(body, name):
@@ -615,7 +742,7 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
         if use.attr and use.attr.startswith("__a"):
             raise Declined(f"`{name}` is entered or exited by hand")
 
-    if release_at and after:
+    if release_at and after and not kept_forget:
         # The statements after the release keep their place; carry the release's comments over.
         released_stmt = rest[release_at[0]]
         if any(line.comment for line in released_stmt.leading_lines):

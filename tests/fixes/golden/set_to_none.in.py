@@ -1,0 +1,11 @@
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+engine = create_async_engine("sqlite+aiosqlite:///:memory:")
+AsyncSessionLocal = async_sessionmaker(engine)
+
+
+async def touch() -> None:
+    session = AsyncSessionLocal()
+    await session.execute(text("SELECT 1"))
+    session = None  # "dropping" the handle closes nothing
