@@ -113,13 +113,13 @@ def test_check_fix_check_then_the_fixed_module_runs(consumer, tmp_path):
     check = _try_repo(consumer, "check-async-resources", home)
     out = check.stdout + check.stderr
     assert check.returncode == 1, out
-    assert "app/agents.py:6:15: CG101" in out, out
+    assert "app/agents.py:7:15: CG101" in out, out
     assert "legacy/agents.py" not in out, out
 
     fix = _try_repo(consumer, "fix-async-resources", home)
     out = fix.stdout + fix.stderr
     assert fix.returncode == 1, out  # files were modified: pre-commit's "please re-stage"
-    assert "app/agents.py:6:15: CG101 fixed" in out, out
+    assert "app/agents.py:7:15: CG101 fixed" in out, out
     fixed = (consumer / "app/agents.py").read_text()
     assert fixed == AGENTS.replace(
         "    session = AsyncSessionLocal()\n",
