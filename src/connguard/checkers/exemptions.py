@@ -87,6 +87,12 @@ def is_fixture_decorator(last_name: str) -> bool:
     return last_name in ("fixture", "yield_fixture", "async_fixture")
 
 
+def is_expected_failure(callee: str) -> bool:
+    """`with pytest.raises(...)`, `self.assertRaises(...)`, `pytest.warns(...)`: the code inside is
+    meant to fail (or to warn about a leak); a resource it creates is the point of the test."""
+    return callee in ("raises", "warns", "RaisesGroup") or callee.startswith(("assertRaises", "assertWarns"))
+
+
 def is_shielding_with(item_text: str) -> bool:
     """`with anyio.CancelScope(shield=True):` / `move_on_after(..., shield=True)` protects an await."""
     return "shield" in item_text
@@ -182,6 +188,14 @@ async def session_scope():
         yield session
     finally:
         await session.close()
+""",
+    "expected-failure": """
+import pytest
+import asyncpg
+
+async def test_refused():
+    with pytest.raises(OSError):
+        await asyncpg.connect("postgresql://nowhere/db")
 """,
     "fixture": """
 import pytest

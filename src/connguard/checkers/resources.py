@@ -137,7 +137,7 @@ PSYCOPG_POOL = ResourceSpec(
 
 # ---------------------------------------------------------------- aiosqlite, aiomysql, aiopg
 AIOSQLITE_CONNECTION = ResourceSpec(
-    "aiosqlite connection", "connection", True, release_async=("close",), async_cm=True,
+    "aiosqlite connection", "connection", True, release_async=("close", "stop"), async_cm=True,
     awaited=True, mistaken_release=("commit",), var="db",
 )
 AIOMYSQL_CONNECTION = ResourceSpec(

@@ -58,6 +58,10 @@ def call_text(fate: Fate) -> str:
 
 
 def advice(fate: Fate) -> str:
+    if fate.advice:
+        return fate.advice
+    if fate.spec.scoped:
+        return 'call "remove()" on the scoped_session registry in "finally"'
     return fate.spec.suggestion(call_text(fate))
 
 
