@@ -721,6 +721,65 @@ class Repo:
         async with self.session_factory() as s:
             return await s.execute(q)
 """,
+    "function-level-import": """
+async def run(dsn):
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)  # CG101
+    return await conn.fetch("select 1")
+""",
+    "wrapper-alias": PRE + """
+class UserRepository:
+    def __init__(self, session):
+        self.session = session
+
+async def leaks(user_id):
+    session = AsyncSessionLocal()  # CG101
+    repo = UserRepository(session)
+    return await repo.get(user_id)
+
+def hands_over():
+    session = AsyncSessionLocal()
+    repo = UserRepository(session)
+    return repo
+
+async def closes_through_wrapper(user_id):
+    repo = UserRepository(AsyncSessionLocal())
+    try:
+        return await repo.get(user_id)
+    finally:
+        await repo.close()
+""",
+    "expected-failure-block": """
+import asyncpg
+import pytest
+
+async def test_refused():
+    with pytest.raises(OSError):
+        await asyncpg.connect("postgresql://nowhere/db")
+""",
+    "factory-registering-cleanup": """
+from sqlalchemy import orm
+
+_sessions = set()
+
+def fixture_session(**kw):
+    sess = orm.Session(**kw)
+    _sessions.add(sess)
+    return sess
+
+def test_uses():
+    s = fixture_session()
+    s.execute("select 1")
+""",
+    "chained-with-item": """
+from sqlalchemy import create_engine
+
+def reap(url):
+    eng = create_engine(url)
+    with eng.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("select 1")
+""",
     "global-pool": """
 import asyncpg
 

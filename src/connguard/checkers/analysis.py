@@ -276,6 +276,8 @@ class FunctionInfo:
     annotations: dict[str, cst.BaseExpression] = field(default_factory=dict)
     locals: set[str] = field(default_factory=set)
     globals: set[str] = field(default_factory=set)
+    imports: dict[str, str] = field(default_factory=dict)
+    from_imports: dict[str, tuple[str, str]] = field(default_factory=dict)
     calls: list[cst.Call] = field(default_factory=list)
     assigns: list[tuple[cst.BaseExpression, cst.BaseExpression]] = field(default_factory=list)
     returns: list[cst.BaseExpression] = field(default_factory=list)
@@ -427,7 +429,8 @@ class ModuleAnalysis:
             imports[local] = f"{module}.{name}" if not module.endswith(".") else module + name
             from_imports[local] = (module, name)
 
-    def _qualified_binding(self, qualified: str, local: str | None) -> ResourceSpec | None:
+    def _qualified_binding(self, qualified: str, local: str | None,
+                           from_imports: dict[str, tuple[str, str]] | None = None) -> ResourceSpec | None:
         """What an imported qualified name is: a table factory, a table type, or (through the
         resolver) a project maker or factory."""
         if qualified in self._resolved:
@@ -442,8 +445,9 @@ class ModuleAnalysis:
                 spec = dataclasses.replace(spec, managed=False)
             elif self.resolver is not None:
                 root = qualified.lstrip(".").split(".", 1)[0]
-                if root not in self.roots and root not in _STDLIB and local in self.from_imports:
-                    module, name = self.from_imports[local]
+                from_imports = self.from_imports if from_imports is None else from_imports
+                if root not in self.roots and root not in _STDLIB and local in from_imports:
+                    module, name = from_imports[local]
                     if qualified == f"{module}.{name}" or module.endswith("."):
                         try:
                             spec = self.resolver.resolve(module, name)
@@ -470,21 +474,26 @@ class ModuleAnalysis:
             return None
         if root in self.defined:
             return None
-        qualified = self.imports.get(root)
+        return self._import_binding(parts, self.imports, self.from_imports)
+
+    def _import_binding(self, parts: list[str], imports: dict[str, str],
+                        from_imports: dict[str, tuple[str, str]]) -> ResourceSpec | None:
+        root = parts[0]
+        qualified = imports.get(root)
         if qualified is None:
             return None
-        if qualified.split(".", 1)[0] not in self.roots and root not in self.from_imports:
+        if qualified.split(".", 1)[0] not in self.roots and root not in from_imports:
             return None
         if len(parts) == 1:
-            return self._qualified_binding(qualified, root)
+            return self._qualified_binding(qualified, root, from_imports)
         full = qualified + "." + ".".join(parts[1:])
         spec = self.table.lookup(full) if not full.startswith(".") else None
         if spec is not None:
             return callable_of(spec)
-        base = self._qualified_binding(qualified, root) if root in self.from_imports else None
+        base = self._qualified_binding(qualified, root, from_imports) if root in from_imports else None
         if base is None:
             # `import pkg.db as db; db.Session()`: ask the resolver about pkg.db's `Session`.
-            if self.resolver is not None and len(parts) == 2 and root not in self.from_imports:
+            if self.resolver is not None and len(parts) == 2 and root not in from_imports:
                 top = qualified.split(".", 1)[0]
                 if top not in self.roots and top not in _STDLIB:
                     key = full
@@ -551,6 +560,8 @@ class ModuleAnalysis:
         while info is not None:
             if root in info.sources:
                 return _apply_attrs(info.sources[root], parts[1:])
+            if root in info.imports:
+                return self._import_binding(parts, info.imports, info.from_imports)
             if info.self_name and root == info.self_name and len(parts) >= 2:
                 cls = info.cls
                 attr = parts[1]
@@ -649,21 +660,9 @@ class ModuleAnalysis:
             elif t is cst.Global or t is cst.Nonlocal:
                 for item in node.names:
                     info.globals.add(item.name.value)
-            elif t is cst.Import:
-                for alias in node.names:
-                    if alias.asname is not None and type(alias.asname.name) is cst.Name:
-                        locals_.add(alias.asname.name.value)
-                    else:
-                        parts = dotted(alias.name)
-                        if parts:
-                            locals_.add(parts[0])
-            elif t is cst.ImportFrom:
-                if not isinstance(node.names, cst.ImportStar):
-                    for alias in node.names:
-                        if alias.asname is not None and type(alias.asname.name) is cst.Name:
-                            locals_.add(alias.asname.name.value)
-                        elif type(alias.name) is cst.Name:
-                            locals_.add(alias.name.value)
+            elif t is cst.Import or t is cst.ImportFrom:
+                # Function-level (lazy) imports: resolved like module imports, in this scope.
+                self._import(node, into=info.imports, from_into=info.from_imports)
             elif t is cst.FunctionDef:
                 if node is not info.node:
                     locals_.add(node.name.value)
@@ -1565,9 +1564,13 @@ class FunctionAnalysis:
             return "escape", None
         if ex.is_release_helper(callee):
             return "release", None
-        if ex.is_constructor_name(callee):
-            return "escape", None
         outer = use.outer
+        if ex.is_constructor_name(callee):
+            # `repo = Repository(session)`: the wrapper holds it; follow the wrapper as an alias
+            # (returning, storing or closing the wrapper settles the resource too).
+            if outer is not None and outer.kind == "bind" and not use.awaited and outer.targets:
+                return "bind", outer.targets
+            return "escape", None
         if outer is not None and outer.kind == "arg" and (
             ex.is_ownership_sink(outer.callee) or ex.is_exit_stack_method(outer.method)
         ):
