@@ -845,6 +845,12 @@ def _one_pass(source: str, path: str, config: Config, findings: list[Finding]) -
         except Declined as why:
             outcome.declined.append((finding, str(why)))
             continue
+        except (RecursionError, Exception) as exc:  # a fixer bug must cost one fix, not the file
+            detail = " ".join(str(exc).split())[:120]
+            outcome.declined.append(
+                (finding, f"internal error in the fixer: {type(exc).__name__}: {detail}")
+            )
+            continue
         module, current_source, current_findings = new_module, new_source, after
         outcome.applied.append(finding)
     outcome.source = current_source
