@@ -215,3 +215,17 @@ def test_valid_examples_give_no_finding_of_their_rule_through_the_engine(code, s
     config = Config(extend_select=frozenset({code}))
     findings = engine.check_source(snippet, str(tmp_path / "example.py"), config)
     assert code not in {f.code for f in findings}, findings
+
+
+def test_a_rule_that_is_off_by_default_runs_only_when_named():
+    from connguard.checkers.rules import RULES
+
+    off = [code for code, rule in RULES.items() if not getattr(rule, "DEFAULT_ENABLED", True)]
+    if not off:
+        pytest.skip("every rule is on by default")
+    code = off[0]
+    snippet = RULES[code].INVALID[0]
+    assert code not in {f.code for f in engine.check_source(snippet, "x.py", Config())}
+    assert code not in {f.code for f in engine.check_source(snippet, "x.py", Config(select=frozenset({"CG1"})))}
+    named = Config().with_selection(extend_select=frozenset({code}))
+    assert code in {f.code for f in engine.check_source(snippet, "x.py", named)}

@@ -91,3 +91,20 @@ def test_parallel_flake8(tmp_path):
     write(tmp_path, {f"m{i}.py": LEAK if i % 2 else SAFE for i in range(12)})
     result = flake8("-j", "2", "--select=CG", ".", cwd=tmp_path)
     assert len(cg_lines(result.stdout)) >= 6
+
+
+def test_connguard_ignores_do_not_apply_under_flake8_but_named_rules_do(tmp_path):
+    """flake8 owns selection: [tool.connguard] ignore is for the CLI; a rule that is off by
+    default can still be named there to make the plugin run it."""
+    from connguard.checkers.rules import RULES
+
+    write(tmp_path, {"pyproject.toml": '[tool.connguard]\nignore = ["CG101"]\n', "a.py": LEAK})
+    assert f"a.py:{LEAK_LINE}:{LEAK_COL}: CG101" in flake8("a.py", cwd=tmp_path).stdout
+    assert run("a.py", cwd=tmp_path).stdout == ""
+    off = [code for code, rule in RULES.items() if not rule.DEFAULT_ENABLED]
+    if off:
+        code = off[0]
+        write(tmp_path, {"b.py": RULES[code].INVALID[0]})
+        assert f" {code} " not in flake8("b.py", cwd=tmp_path).stdout
+        write(tmp_path, {"pyproject.toml": f'[tool.connguard]\nextend-select = ["{code}"]\n'})
+        assert f" {code} " in flake8("b.py", cwd=tmp_path).stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -180,7 +181,10 @@ class Config:
         spec = self.exclude_spec
         if spec is None:
             return False
-        rel = self.relative(str(path))
+        text = str(path)
+        rel = self.relative(text)
+        if text.endswith(("/", os.sep)) and not rel.endswith("/"):
+            rel += "/"  # a directory: lets `generated/` prune the walk instead of each file
         return bool(spec.match_file(rel))
 
 

@@ -183,11 +183,12 @@ _ONLY_AST = 0x400  # ast.PyCF_ONLY_AST, without importing ast
 
 
 def analyse(
-    source: str, path: str, config: Config, *, syntax_check: bool = True
+    source: str, path: str, config: Config, *, syntax_check: bool = True, select: bool = True
 ) -> list[Finding]:
-    """Raw findings of every rule (no noqa, no selection). Never raises for any input: a
-    parse error is one CG000 finding, an internal error one CG999 finding. `syntax_check`
-    also reports CG000 for files the prefilter skips (flake8 reports those as E999 itself)."""
+    """Raw findings (no noqa). Never raises for any input: a parse error is one CG000
+    finding, an internal error one CG999 finding. `syntax_check` also reports CG000 for files
+    the prefilter skips; `select=False` runs every rule that is on by default or named in the
+    config, ignoring the config's ignores (flake8 does both of those itself)."""
     try:
         table = config.table
         resolver = resolver_for(config)
@@ -208,7 +209,7 @@ def analyse(
                 table=table,
                 imports=resolver,
                 module_name=module,
-                enabled=rule_codes(config, path),
+                enabled=rule_codes(config, path) if select else flake8_rule_codes(config),
             )
         )
     except RecursionError as exc:
@@ -230,6 +231,14 @@ def rule_codes(config: Config, path: str | None = None) -> frozenset[str]:
         code
         for code, rule in RULES.items()
         if config.enabled(code, path) and (getattr(rule, "DEFAULT_ENABLED", True) or config.named(code))
+    )
+
+
+def flake8_rule_codes(config: Config) -> frozenset[str]:
+    from connguard.checkers.rules import RULES
+
+    return frozenset(
+        code for code, rule in RULES.items() if getattr(rule, "DEFAULT_ENABLED", True) or config.named(code)
     )
 
 

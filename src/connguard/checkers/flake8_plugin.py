@@ -31,7 +31,7 @@ class Plugin:
         except ConfigError as exc:
             yield 1, 0, f"CG999 bad [tool.connguard] configuration: {exc}", type(self)
             return
-        for finding in engine.analyse(source, path, config, syntax_check=False):
+        for finding in engine.analyse(source, path, config, syntax_check=False, select=False):
             yield finding.line, max(finding.col - 1, 0), f"{finding.code} {finding.message}", type(self)
 
 
