@@ -742,6 +742,12 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
         if use.attr and use.attr.startswith("__a"):
             raise Declined(f"`{name}` is entered or exited by hand")
 
+    # A blank line right under the new `async with` header reads as a mistake; comments stay.
+    leading = list(body[0].leading_lines)
+    while leading and leading[0].comment is None:
+        leading.pop(0)
+    body[0] = body[0].with_changes(leading_lines=leading)
+
     if release_at and after and not kept_forget:
         # The statements after the release keep their place; carry the release's comments over.
         released_stmt = rest[release_at[0]]
