@@ -1,0 +1,216 @@
+"""Overhead of `pytest --leak-check`: a generated suite of database tests, with and without it.
+
+Generates N tests (default 500) that each check a session out of a session-scoped async engine
+and run a query, then runs the suite alternately without and with --leak-check against the same
+local PostgreSQL (started once here), several rounds. Prints the median added time per clean
+test (goal <= 0.3 ms) and the whole-suite ratio (goal <= 1.05), both measured in this run.
+
+    .venv/bin/python benchmarks/bench_leak_check.py [--tests 500] [--rounds 3]
+
+With --false-positives N it instead runs the clean suite of the leak-detector tests
+(tests/leak_detector/leak_projects.py: pooled idle connections, session-scoped engines and
+pools, close in finally, finished background tasks, ...) N times serially and N times with
+`-n 2`, and prints how many runs reported anything (goal: 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CONFTEST = '''
+import json, os, time
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+_starts = {}
+_times = []
+_span = []
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def engine():
+    eng = create_async_engine(os.environ["DATABASE_URL"].replace(
+        "postgresql://", "postgresql+asyncpg://"), pool_size=5)
+    async with eng.begin() as conn:
+        await conn.execute(text("create table if not exists agents (name text)"))
+    yield eng
+    await eng.dispose()
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _starts[nodeid] = now = time.perf_counter()
+    if not _span:
+        _span.append(now)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    now = time.perf_counter()
+    _times.append(now - _starts.pop(nodeid))
+    _span[1:] = [now]
+
+
+def pytest_sessionfinish(session):
+    with open(os.environ["BENCH_TIMES"], "w") as f:
+        json.dump({"times": _times, "span": _span[1] - _span[0]}, f)
+'''
+
+# "light": the least a test can do with the database (one pooled session, one query).
+# "typical": the shape of a CRUD test: a transaction that writes, reads back and rolls back.
+TESTS = {
+    "light": '''
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+async def test_query_{n}(engine):
+    async with AsyncSession(engine) as session:
+        assert (await session.execute(text("select {n}"))).scalar() == {n}
+''',
+    "typical": '''
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+async def test_crud_{n}(engine):
+    async with AsyncSession(engine) as session, session.begin():
+        await session.execute(text("insert into agents (name) values (:name)"), {{"name": "a{n}"}})
+        found = await session.execute(text("select count(*) from agents where name = :name"),
+                                      {{"name": "a{n}"}})
+        assert found.scalar() == 1
+        await session.rollback()
+''',
+}
+
+
+
+INI = """[pytest]
+asyncio_mode = auto
+asyncio_default_fixture_loop_scope = session
+asyncio_default_test_loop_scope = session
+"""
+
+
+def make_suite(root: Path, count: int, work: str) -> None:
+    (root / "pytest.ini").write_text(INI)
+    (root / "conftest.py").write_text(CONFTEST)
+    per_file = 50
+    for start in range(0, count, per_file):
+        tests = range(start, min(start + per_file, count))
+        body = "".join(TESTS[work].format(n=n) for n in tests)
+        (root / f"test_gen_{start // per_file:03d}.py").write_text(body)
+
+
+def run_suite(root: Path, args: list[str], env: dict[str, str]) -> dict:
+    times_file = root / "times.json"
+    env = {**env, "BENCH_TIMES": str(times_file)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    if result.returncode != 0:
+        sys.exit(f"suite failed ({' '.join(args) or 'baseline'}):\n{result.stdout[-3000:]}")
+    return json.loads(times_file.read_text())
+
+
+def false_positives(runs: int) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "leak_detector"))
+    from leak_projects import CONFTEST as CLEAN_CONFTEST
+    from leak_projects import INI_AUTO_SESSION, TEST_CLEAN, run, write_project
+
+    from connguard.leak_detector.provision.local import LocalProvider
+
+    provider = LocalProvider(max_connections=200)
+    server = provider.start()
+    bad = 0
+    try:
+        with tempfile.TemporaryDirectory(prefix="fp-leak-") as tmp:
+            project = write_project(Path(tmp), INI_AUTO_SESSION, conftest=CLEAN_CONFTEST,
+                                    test_clean=TEST_CLEAN)
+            for label, extra in (("serial", ()), ("-n 2", ("-p", "xdist", "-n", "2"))):
+                reported = 0
+                for number in range(runs):
+                    report = Path(tmp) / f"report-{number}.json"
+                    result = run(project, server.url, f"--leak-check-report={report}", *extra)
+                    results = json.loads(report.read_text())["results"] if report.exists() else None
+                    if result.returncode != 0 or results != []:
+                        reported += 1
+                        print(f"run {number + 1} ({label}) reported: rc={result.returncode}\n"
+                              + result.stdout[-2000:])
+                print(f"clean suite, {label}: {runs} runs, {reported} with any failure or "
+                      f"leak report (goal 0)")
+                bad += reported
+    finally:
+        provider.stop()
+    return 1 if bad else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tests", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", nargs="+", choices=sorted(TESTS), default=["light", "typical"])
+    parser.add_argument("--false-positives", type=int, metavar="N", default=0)
+    options = parser.parse_args()
+    if options.false_positives:
+        return false_positives(options.false_positives)
+
+    from connguard.leak_detector.provision import with_database
+    from connguard.leak_detector.provision.janitor import create_database, drop_databases
+    from connguard.leak_detector.provision.local import LocalProvider
+
+    provider = LocalProvider(max_connections=100)
+    server = provider.start()
+    base_db = "bench_baseline"
+    try:
+        create_database(server.url, base_db)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CONNGUARD_", "PYTEST_", "DATABASE_URL"))}
+        baseline_env = {**env, "DATABASE_URL": with_database(server.url, base_db)}
+        checked_args = ["--leak-check", "--leak-check-db=url", f"--leak-check-db-url={server.url}",
+                        "--leak-check-url-env=DATABASE_URL"]
+        runs: dict[str, tuple[list[dict], list[dict]]] = {}
+        for work in options.work:
+            with tempfile.TemporaryDirectory(prefix="bench-leak-") as tmp:
+                root = Path(tmp)
+                make_suite(root, options.tests, work)
+                run_suite(root, [], baseline_env)  # warm caches (imports, pyc files)
+                plain_runs, checked_runs = [], []
+                for _ in range(options.rounds):
+                    plain_runs.append(run_suite(root, [], baseline_env))
+                    checked_runs.append(run_suite(root, checked_args, env))
+            runs[work] = (plain_runs, checked_runs)
+        drop_databases(server.url, [base_db])
+    finally:
+        provider.stop()
+
+    print(f"{options.tests} generated tests, {options.rounds} rounds each way, alternating, "
+          f"PostgreSQL {server.version} (local backend), load average {os.getloadavg()[0]:.2f}")
+    for work, (plain_runs, checked_runs) in runs.items():
+        plain_median = statistics.median(t for run in plain_runs for t in run["times"])
+        checked_median = statistics.median(t for run in checked_runs for t in run["times"])
+        # The suite: wall time from the first test's start to the last test's end (collection,
+        # provisioning and interpreter start are outside it), median over the rounds.
+        plain_total = statistics.median(run["span"] for run in plain_runs)
+        checked_total = statistics.median(run["span"] for run in checked_runs)
+        added_ms = (checked_median - plain_median) * 1000
+        ratio = checked_total / plain_total
+        print(f"[{work}] median per test: without {plain_median * 1000:.3f} ms, "
+              f"with --leak-check {checked_median * 1000:.3f} ms")
+        print(f"[{work}] median added time per clean test: {added_ms:.3f} ms (goal <= 0.3 ms) "
+              f"{'OK' if added_ms <= 0.3 else 'OVER'}")
+        print(f"[{work}] whole suite: without {plain_total:.3f} s, with {checked_total:.3f} s, "
+              f"ratio {ratio:.3f} (goal <= 1.05) {'OK' if ratio <= 1.05 else 'OVER'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
