@@ -91,7 +91,16 @@ def process_start(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return None
+        if os.path.isdir("/proc/self"):
+            return None
+        # No procfs (macOS): liveness only, so a reused pid keeps a record until it exits.
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "alive"
     # The command name may hold spaces and parentheses; fields resume after the last ")".
     return stat.rsplit(")", 1)[1].split()[19]
 

@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from functools import cache
@@ -147,8 +148,9 @@ def _account() -> pwd.struct_passwd | None:
 def _die_with_parent() -> None:
     # Runs in the child after the uid change (which clears the death signal), before exec:
     # if pytest is killed, the postmaster shuts down at once instead of living on.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT, 0, 0, 0)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT, 0, 0, 0)
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
