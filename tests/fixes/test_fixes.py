@@ -359,3 +359,10 @@ def test_in_place_use_gets_a_name_not_taken_in_the_function():
     assert [f.line for f in outcome.applied] == [5]
     assert "    async with AsyncSessionLocal() as session2:\n" in outcome.source
     assert "        await session2.execute(q)\n    return session\n" in outcome.source
+
+
+def test_byte_order_mark_is_kept(tmp_path):
+    target = tmp_path / "routes.py"
+    target.write_bytes(b"\xef\xbb\xbf" + (GOLDEN / "seed_outage.in.py").read_bytes())
+    assert fix_file(target, CONFIG, write=True).changed
+    assert target.read_bytes() == b"\xef\xbb\xbf" + (GOLDEN / "seed_outage.out.py").read_bytes()

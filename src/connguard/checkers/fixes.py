@@ -939,7 +939,9 @@ def write_atomic(path: str | Path, text: str) -> None:
 def fix_file(path: str | Path, config: Config | None = None, *, write: bool) -> FixOutcome:
     """Fix one file; with write=True the new text replaces it atomically (only when it changed)."""
     source = read_source(path)
-    outcome = fix_source(source, str(path), config)
+    # A UTF-8 byte-order mark is not Python source: fix the text after it, write it back with it.
+    bom = "\ufeff" if source.startswith("\ufeff") else ""
+    outcome = fix_source(source[len(bom) :], str(path), config)
     if write and outcome.changed:
-        write_atomic(path, outcome.source)
+        write_atomic(path, bom + outcome.source)
     return outcome
