@@ -780,6 +780,21 @@ def reap(url):
     with eng.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("select 1")
 """,
+    "annotated-dependency": PRE + """
+from typing import Annotated
+from fastapi import Depends
+
+def get_db():
+    return AsyncSessionLocal()  # CG106
+
+SessionDep = Annotated[AsyncSession, Depends(get_db)]
+""",
+    "background-task-owns": PRE + """
+async def endpoint(background_tasks, process):
+    session = AsyncSessionLocal()
+    background_tasks.add_task(process, session)
+    return {"ok": True}
+""",
     "global-pool": """
 import asyncpg
 

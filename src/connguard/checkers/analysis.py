@@ -323,6 +323,14 @@ class ModuleAnalysis:
 
     def _collect(self) -> None:
         self._collect_block(self.module.body, None)
+        # `SessionDep = Annotated[AsyncSession, Depends(get_db)]` at module level.
+        for stmt in self.module.body:
+            if type(stmt) is cst.SimpleStatementLine:
+                for node in _walk(stmt):
+                    if type(node) is cst.Call and _last_name(node.func) in ("Depends", "Security") and node.args:
+                        name = dotted(node.args[0].value)
+                        if name is not None and len(name) == 1:
+                            self.depends.add(name[0])
 
     def _collect_block(self, body: Iterable[cst.CSTNode], cls: ClassInfo | None) -> None:
         for stmt in body:

@@ -20,6 +20,7 @@ _OWNERSHIP_SINKS = frozenset({
     "spawn", "submit", "call_soon", "call_soon_threadsafe", "run_in_executor", "timeout",
     "partial", "setattr", "addCleanup", "addAsyncCleanup", "add_done_callback",
     "closing", "aclosing", "AsyncExitStack", "ExitStack", "weakref", "finalize",
+    "add_task", "add_job", "enqueue", "call_later", "start_task", "spawn_task",
 })
 # Container methods: the resource now lives in a collection its owner manages.
 _CONTAINER_METHODS = frozenset({

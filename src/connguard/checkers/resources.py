@@ -99,7 +99,7 @@ ASYNCPG_CONNECTION = ResourceSpec(
 )
 ASYNCPG_POOLED = ResourceSpec(
     "asyncpg pooled connection", "connection", True, release_on_source=("release",),
-    release_sync=("terminate",), async_cm=True, awaited=True, var="conn",
+    release_async=("close",), release_sync=("terminate",), async_cm=True, awaited=True, var="conn",
 )
 ASYNCPG_POOL = ResourceSpec(
     "asyncpg pool", "pool", True, release_async=("close",), release_sync=("terminate",),
