@@ -256,6 +256,72 @@ def resolve_form(
     return form, product
 
 
+def _def_is_async(module: cst.Module | None, name: str) -> bool | None:
+    """Is `name` a top-level `async def` of the module? None: not a function we can see."""
+    if module is None:
+        return None
+    for stmt in module.body:
+        if isinstance(stmt, cst.FunctionDef) and stmt.name.value == name:
+            return stmt.asynchronous is not None
+    return None
+
+
+def _module_of_file(ctx: _Context, module: str) -> cst.Module | None:
+    found = ctx.resolver.find(module) if hasattr(ctx.resolver, "find") else None
+    if not found:
+        return None
+    try:
+        with open(found[0], encoding="utf-8") as fh:
+            return cst.parse_module(fh.read())
+    except (OSError, UnicodeDecodeError, cst.ParserSyntaxError):
+        return None
+
+
+def _library_spec(table: Any, product: Any) -> Any:
+    """The table's own spec of what a user factory hands back (how the library makes it)."""
+    for spec in _all_specs(table):
+        if getattr(spec, "managed", False) and spec.name == product.name:
+            if spec.kind == getattr(product, "kind", spec.kind):
+                return spec
+    return product
+
+
+def _user_callable_form(
+    ctx: _Context, spec: Any, awaited: bool, is_async_def: bool | None, name: str
+) -> tuple[Form | str, Any] | None:
+    """A project's own maker or factory function. What `async with` needs depends on how the
+    function hands the resource over: `async def f(): return AsyncSession()` must become
+    `async with await f()`, while `def f(): return engine.connect()` (awaited by the caller)
+    becomes `async with f()`, and an async factory that already awaited `engine.connect()`
+    returns a started connection that cannot be entered again."""
+    product = _product(spec, None, ctx)
+    if product is None:
+        return None
+    if getattr(spec, "kind", "") != "factory":  # a maker: calling it makes the resource
+        if awaited:
+            return f"`{name}()` is awaited, so it is not a plain session maker", product
+        return _form_of(product, False), product
+    library = _library_spec(ctx.table, product)
+    if not awaited:
+        if is_async_def:
+            return f"`{name}` is an `async def` called without await", product
+        return _form_of(library, False), product
+    if is_async_def is None:
+        return f"cannot see whether the factory `{name}` is an `async def`", product
+    if not is_async_def:
+        return _form_of(library, True), product
+    enter_after_await = "async with await" in str(getattr(library, "safe_form", "")) or (
+        getattr(library, "async_cm", False) and not getattr(library, "awaited", False)
+    )
+    if enter_after_await:
+        return Form.ASYNC_AWAITED, product
+    return (
+        f"`{name}()` returns an already started {library.name}, which cannot be entered "
+        "again; close it in `finally`",
+        product,
+    )
+
+
 def _resolve(
     ctx: _Context, call: cst.Call, awaited: bool, function: cst.FunctionDef
 ) -> tuple[Form | str, Any]:
@@ -272,14 +338,17 @@ def _resolve(
         module, _, name = qualified.rpartition(".")
         spec = ctx.resolver.resolve(module, name) if ctx.resolver is not None and module else None
         if spec is not None:
-            product = _product(spec, None, ctx)
-            if product is not None:
-                return _form_of(product, awaited), product
+            is_async = _def_is_async(_module_of_file(ctx, module), name)
+            verdict = _user_callable_form(ctx, spec, awaited, is_async, name)
+            if verdict is not None:
+                return verdict
     if isinstance(func, cst.Name):
         spec = ctx.factories.get(func.value)
-        product = _product(spec, None, ctx)
-        if product is not None:
-            return _form_of(product, awaited), product
+        if spec is not None:
+            is_async = _def_is_async(ctx.module, func.value)
+            verdict = _user_callable_form(ctx, spec, awaited, is_async, func.value)
+            if verdict is not None:
+                return verdict
     if isinstance(func, cst.Attribute):
         method = func.attr.value
         source = _receiver_spec(func.value, function, ctx)
