@@ -35,6 +35,7 @@ def test_psycopg(connguard_database, connguard_server):
     assert app == connguard_database.application_name
     assert connguard_server.version.split(".")[0].isdigit()
     print("BACKEND", connguard_server.backend, "DB", db)
+    print("CONTAINER", connguard_server.details.get("container_id"))
 
 def test_asyncpg(connguard_database):
     import asyncpg
