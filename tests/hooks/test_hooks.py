@@ -144,3 +144,59 @@ def test_libcst_codemod_command(project):
     )
     assert proc.returncode == 0, proc.stderr
     assert target.read_text() == FIXED
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        ("validate-manifest", ".pre-commit-hooks.yaml"),
+        ("validate-config", ".pre-commit-config.yaml"),
+    ],
+)
+def test_pre_commit_files_are_valid(command, name):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pre_commit", command, str(REPO / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_offered_hooks_are_the_documented_ones():
+    import yaml
+
+    hooks = {h["id"]: h for h in yaml.safe_load((REPO / ".pre-commit-hooks.yaml").read_text())}
+    assert set(hooks) == {"check-async-resources", "fix-async-resources"}
+    for hook_id, hook in hooks.items():
+        assert hook["entry"] == hook_id
+        assert hook["language"] == "python"
+        assert hook["types"] == ["python"]
+
+
+def test_connguard_passes_its_own_dogfood_hook():
+    # What `pre-commit run check-async-resources --all-files` checks in this repository: every
+    # Python file outside the hook's `exclude` (the deliberate leaks) is clean.
+    import re
+
+    import yaml
+
+    from connguard.checkers.engine import check_file
+
+    config = yaml.safe_load((REPO / ".pre-commit-config.yaml").read_text())
+    hook = next(
+        h for repo in config["repos"] for h in repo["hooks"] if h["id"] == "check-async-resources"
+    )
+    exclude = re.compile(hook["exclude"])
+    listed = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = [f for f in listed.stdout.split() if not exclude.search(f)]
+    assert files
+    findings = [f.text() for path in files for f in check_file(REPO / path)]
+    assert findings == []
