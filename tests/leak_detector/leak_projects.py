@@ -142,13 +142,16 @@ async def test_session_fixture(leaky_session_conn):
 
 
 async def test_background_task(engine):
+    holding = asyncio.Event()
+
     async def poll():
         async with AsyncSession(engine) as session:  # LEAK test_background_task
             await session.execute(text("select 1"))
+            holding.set()
             await asyncio.sleep(30)
 
     asyncio.ensure_future(poll())
-    await asyncio.sleep(0.05)
+    await holding.wait()
 
 
 async def test_idle_in_transaction():
@@ -325,13 +328,16 @@ async def test_fl_asyncpg_leak():
 
 @pytest.mark.asyncio
 async def test_fl_background_task(engine):
+    holding = asyncio.Event()
+
     async def poll():
         async with AsyncSession(engine) as session:  # LEAK test_fl_background_task
             await session.execute(text("select 1"))
+            holding.set()
             await asyncio.sleep(30)
 
     asyncio.ensure_future(poll())
-    await asyncio.sleep(0.05)
+    await holding.wait()
 
 
 @pytest.mark.asyncio

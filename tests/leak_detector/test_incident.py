@@ -1,4 +1,4 @@
-"""The README's incident: `pytest --leak-check examples/incident` fails the leaking endpoint's test."""
+"""The README's incident: `pytest --leak-check examples/incident` fails the leaking test."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_incident_example_names_the_leaking_line():
     assert f"SQLAlchemy session opened at app/routes/agents.py:{line}" in out
     assert "session = AsyncSessionLocal()" in out
     assert "called from tests/test_agents.py:5 in test_list_agents" in out
-    assert "static check:" in out
+    assert "static check: CG101 flags this line" in out
     # the fixed endpoint passes: its test has no error at teardown
     assert "test_list_agents_fixed" not in out.split("short test summary info")[1]
     assert "2 passed, 1 warning, 1 error" in out or "2 passed, 1 error" in out

@@ -112,7 +112,9 @@ def test_report_shows_state_query_and_source_line(leaky_run):
     # a session that took its connection later names both lines
     never = results["test_never_closed_session"]["leaks"][0]
     assert never["checked_out_at"]["source"] == 'await session.execute(text("select 1"))'
-    assert "static check:" in out
+    # the static layer's verdict on the opening line (it flags the plain connect)
+    assert results["test_asyncpg_not_closed"]["leaks"][0]["static_check"] == "CG101 flags this line"
+    assert "static check: CG101 flags this line" in out
 
 
 def test_gc_and_task_leaks_are_explained(leaky_run):
@@ -252,4 +254,6 @@ def test_report_file_is_json_with_the_leaking_tests(leaky_run):
     project, _, report = leaky_run
     assert report["version"] == 1
     assert "test_leaky.py::test_asyncpg_not_closed" in report["tests_with_leaks"]
+    assert "test_leaky.py::test_undisposed_engine" not in report["tests_with_leaks"]
+    assert report["fixtures_with_leaks"] == ["fixture 'leaky_session_conn' (session scope)"]
     json.dumps(report)  # round-trips

@@ -392,6 +392,8 @@ class LeakDetector:
             return
         report = result.get_result()
         mode = settings.resolve(self.config, "leak_check_mode", item)
+        # What fails goes first: the short summary line shows the text's first line.
+        outcomes.sort(key=lambda o: not o.fails)
         text = "\n\n".join(format_outcome(o, self.root) for o in outcomes)
         failing = mode == "fail" and any(o.fails and not o.surfaced_later for o in outcomes)
         for outcome in outcomes:
@@ -416,9 +418,13 @@ class LeakDetector:
                 self.outcomes.append(value)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.outcomes:
+        broken = self.observer.broken if self.observer is not None else None
+        if not self.outcomes and not broken:
             return
         terminalreporter.section("connguard leak check")
+        if broken:
+            terminalreporter.line(f"the server observer stopped ({broken}); "
+                                  f"later tests were checked by the client ledger alone")
         for line in format_summary(self.outcomes, self.root):
             terminalreporter.line(line)
 
@@ -433,7 +439,12 @@ class LeakDetector:
             target,
             self.outcomes,
             {
-                "tests_with_leaks": sorted({o["nodeid"] for o in self.outcomes if o["leaks"]}),
+                "tests_with_leaks": sorted(
+                {o["owner"] for o in self.outcomes if o["leaks"] and "::" in o["owner"]}
+            ),
+            "fixtures_with_leaks": sorted(
+                {o["owner"] for o in self.outcomes if o["leaks"] and "::" not in o["owner"]}
+            ),
             },
         )
 

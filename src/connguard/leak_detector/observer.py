@@ -50,9 +50,18 @@ class Observer:
             raise ObserverError(f"cannot connect the observer: {error}".strip()) from None
         self.pid = self._conn.info.backend_pid
         self.last: dict[int, Backend] | None = None
+        self.broken: str | None = None
 
     def snapshot(self) -> dict[int, Backend]:
-        rows = self._conn.execute(_QUERY, (self.dbname,), prepare=True).fetchall()
+        """The client backends now; empty from the first failure on (see `broken`)."""
+        if self.broken is not None:
+            return {}
+        try:
+            rows = self._conn.execute(_QUERY, (self.dbname,), prepare=True).fetchall()
+        except Exception as error:  # the server went away: the ledger still decides alone
+            self.broken = f"{type(error).__name__}: {error}".strip()
+            self.last = {}
+            return {}
         self.last = {row[0]: Backend(*row) for row in rows}
         return self.last
 
@@ -65,7 +74,7 @@ class Observer:
         deadline = time.monotonic() + budget
         current = self.snapshot()
         delay = 0.002
-        while pids & current.keys() and time.monotonic() < deadline:
+        while pids & current.keys() and time.monotonic() < deadline and not self.broken:
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
             current = self.snapshot()
