@@ -120,3 +120,23 @@ def test_kill_9_then_the_next_run_removes_the_container(pytester, docker_client)
     result = run_pytest(pytester.path, "--leak-check", "--leak-check-db=local")
     assert result.returncode == 0, result.stdout + result.stderr
     assert not _exists(docker_client, facts["container_id"])
+
+
+def test_auto_skips_a_missing_image_without_pulling(pytester, docker_client):
+    pytester.makepyfile("def test_ok(connguard_database):\n    pass\n")
+    result = run_pytest(
+        pytester.path, "--leak-check", "--leak-check-image=connguard/absent:0",
+        "--leak-check-network=host", env=TESTCONTAINERS_ENV,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "backend local" in result.stdout
+
+
+def test_auto_chooses_the_container_when_engine_and_image_are_there(pytester, docker_client):
+    pytester.makepyfile("def test_ok(connguard_database):\n    pass\n")
+    result = run_pytest(
+        pytester.path, "--leak-check", f"--leak-check-image={TEST_IMAGE}",
+        "--leak-check-network=host", env=TESTCONTAINERS_ENV,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"backend container ({TEST_IMAGE}, host)" in result.stdout

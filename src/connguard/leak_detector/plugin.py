@@ -202,6 +202,8 @@ class LeakCheckRun:
                 image=settings.resolve(self.config, "leak_check_image"),
                 network=settings.resolve(self.config, "leak_check_network"),
                 max_connections=max_connections,
+                # auto must stay quick and offline: a pull can take minutes.
+                allow_pull=settings.resolve(self.config, "leak_check_db") == "container",
             )
         from .provision.local import LocalProvider
 

@@ -90,8 +90,12 @@ def reap_labelled(client) -> list[str]:
 class ContainerProvider:
     name = "container"
 
-    def __init__(self, *, image: str, network: str = "bridge", max_connections: int = 100) -> None:
+    def __init__(
+        self, *, image: str, network: str = "bridge", max_connections: int = 100,
+        allow_pull: bool = True,
+    ) -> None:  # fmt: skip
         self.image = image
+        self.allow_pull = allow_pull
         self.network = network
         self.max_connections = max_connections
         self.container = None
@@ -119,6 +123,11 @@ class ContainerProvider:
             pass
         except docker.errors.APIError as error:
             return f"cannot inspect image {self.image}: {_one_line(error)}"
+        if not self.allow_pull:
+            return (
+                f"image {self.image} is not present locally (auto never pulls; choose "
+                "--leak-check-db=container to pull it)"
+            )
         try:
             self._client.images.get_registry_data(self.image)
         except Exception as error:
