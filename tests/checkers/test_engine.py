@@ -229,3 +229,28 @@ def test_a_rule_that_is_off_by_default_runs_only_when_named():
     assert code not in {f.code for f in engine.check_source(snippet, "x.py", Config(select=frozenset({"CG1"})))}
     named = Config().with_selection(extend_select=frozenset({code}))
     assert code in {f.code for f in engine.check_source(snippet, "x.py", named)}
+
+
+def test_installed_packages_are_never_read_for_the_project(tmp_path):
+    maker = "from sqlalchemy.ext.asyncio import async_sessionmaker\nMaker = async_sessionmaker()\n"
+    use = "from {mod} import Maker\n\n\nasync def f():\n    s = Maker()\n    await s.execute('x')\n"
+    site = tmp_path / "lib" / "site-packages"
+    write(
+        site,
+        {
+            "ownpkg/__init__.py": "",
+            "ownpkg/db.py": maker,
+            "ownpkg/use_own.py": use.format(mod="ownpkg.db"),
+            "ownpkg/use_other.py": use.format(mod="otherpkg.db"),
+            "otherpkg/__init__.py": "",
+            "otherpkg/db.py": maker,
+        },
+    )
+    write(tmp_path / "proj", {"app.py": use.format(mod="otherpkg.db")})
+    config = Config()
+    # checking an installed package: its own modules are its project...
+    assert [f.line for f in engine.check_file(site / "ownpkg/use_own.py", config)] == [5]
+    # ...but a sibling installed package is not
+    assert engine.check_file(site / "ownpkg/use_other.py", config) == []
+    resolver = ProjectImports(config.table, [tmp_path / "proj"])
+    assert resolver.find("otherpkg.db") is None

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +109,27 @@ def decode_source(data: bytes) -> str:
     return data.decode("utf-8-sig")
 
 
+@lru_cache(maxsize=1024)
+def _is_installed_dir(path: Path) -> bool:
+    """site-packages and the like: third-party code, not the project's."""
+    parts = set(path.parts)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return True
+    import sysconfig
+
+    stdlib = sysconfig.get_paths().get("stdlib")
+    return bool(stdlib) and (path == Path(stdlib) or Path(stdlib) in path.parents)
+
+
 class ProjectImports:
     """The ImportResolver of `analysis`: module summaries of one project, cached per process."""
 
     def __init__(self, table: Any, roots: Iterable[Path] = ()) -> None:
         self.table = table
         self.roots: list[Path] = []
-        self._root_set: set[Path] = set()
+        # root -> top-level packages that may be read from it (None: any). A root that is an
+        # installed-packages directory only serves the package of the file checked there.
+        self._allowed: dict[Path, set[str] | None] = {}
         self._found: dict[str, tuple[Path, bool] | None] = {}
         self._summaries: dict[str, dict[str, Any]] = {}  # final answers
         # Answers computed while an import cycle was open: they may miss names that flow
@@ -127,15 +142,24 @@ class ProjectImports:
             self.add_root(root)
 
     # -- where modules live -------------------------------------------------------------
-    def add_root(self, root: Path) -> None:
+    def add_root(self, root: Path, package: str | None = None) -> None:
         try:
             root = root.resolve()
         except OSError:
             return
-        if root in self._root_set or not root.is_dir():
+        if not root.is_dir():
             return
-        self._root_set.add(root)
-        self.roots.append(root)
+        restricted = _is_installed_dir(root)
+        if root in self._allowed:
+            allowed = self._allowed[root]
+            if allowed is None or package is None or package in allowed:
+                return
+            allowed.add(package)
+        else:
+            if restricted and package is None:
+                return  # never search installed packages on behalf of the project
+            self._allowed[root] = {package} if restricted else None
+            self.roots.append(root)
         # a root added later can make a previously unknown module findable
         for name in [n for n, v in self._found.items() if v is None]:
             del self._found[name]
@@ -149,15 +173,19 @@ class ProjectImports:
     def register_file(self, path: Path) -> tuple[str | None, bool]:
         """Note a checked file's package root; returns its module name and package flag."""
         module, root, is_package = module_name_for(path)
-        self.add_root(root)
+        self.add_root(root, module.split(".", 1)[0] if module else None)
         return module, is_package
 
     def find(self, module: str) -> tuple[Path, bool] | None:
         if module in self._found:
             return self._found[module]
         rel = module.replace(".", os.sep)
+        top = module.split(".", 1)[0]
         hit = None
         for root in self.roots:
+            allowed = self._allowed[root]
+            if allowed is not None and top not in allowed:
+                continue
             package = root / rel / "__init__.py"
             if package.is_file():
                 hit = (package, True)
