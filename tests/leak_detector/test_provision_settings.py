@@ -195,3 +195,29 @@ def test_plugin_module_imports_no_driver():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_pyproject_values_may_be_toml_types(pytester):
+    pytester.makepyprojecttoml(
+        "[tool.pytest.ini_options]\n"
+        "leak_check = false\n"
+        "leak_check_pool_threshold = 0.5\n"
+        'leak_check_fail_on = ["engine", "pool-threshold"]\n'
+        "leak_check_db_per_test = true\n"
+    )
+    config = pytester.parseconfig()
+    assert settings.resolve(config, "leak_check") is False
+    assert settings.resolve(config, "leak_check_pool_threshold") == 0.5
+    assert settings.resolve(config, "leak_check_fail_on") == {"engine", "pool-threshold"}
+    assert settings.resolve(config, "leak_check_db_per_test") is True
+
+
+def test_bad_marker_stops_a_leak_check_run(pytester):
+    pytester.makepyfile(
+        "import pytest\n"
+        "@pytest.mark.leak_check(mode='loud')\n"
+        "def test_x(connguard_database):\n    pass\n"
+    )
+    result = run_pytest(pytester.path, "--leak-check", "--leak-check-db=local")
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "@pytest.mark.leak_check(mode='loud') (marker on test_bad_marker_stops" in result.stderr

@@ -282,6 +282,10 @@ class LeakCheckRun:
             f"PostgreSQL {server.version}, mode {mode}, {where}"
         )
 
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        for item in items:
+            settings.check_marker(item)
+
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
         # After the test's teardown report: the detector has counted its connections.

@@ -83,10 +83,8 @@ def parse_fraction(value: Any) -> float:
 
 def comma_set(*choices: str) -> Callable[[Any], frozenset[str]]:
     def parse(value: Any) -> frozenset[str]:
-        if isinstance(value, (list, tuple, set, frozenset)):
-            parts = [str(part).strip().lower() for part in value]
-        else:
-            parts = [part.strip().lower() for part in str(value).split(",")]
+        items = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
+        parts = [part.strip().lower() for item in items for part in str(item).split(",")]
         parts = [part for part in parts if part]
         unknown = [part for part in parts if part not in choices]
         if unknown:
@@ -109,6 +107,7 @@ class Setting:
     flag: bool = False  # a bare command-line switch (store_true)
     extra_env: tuple[str, ...] = ()  # further variables read after the canonical one
     metavar: str | None = None
+    toml: str = "string"  # what a pyproject.toml value may also be: bool, float, list
 
     @property
     def option(self) -> str:
@@ -139,6 +138,7 @@ SETTINGS: dict[str, Setting] = {
             False,
             "provision PostgreSQL and fail tests that leave database connections open",
             flag=True,
+            toml="bool",
         ),
         Setting(
             "leak_check_db",
@@ -192,6 +192,7 @@ SETTINGS: dict[str, Setting] = {
             False,
             "give each test a fresh database cloned from a template",
             flag=True,
+            toml="bool",
         ),
         Setting(
             "leak_check_mode",
@@ -215,6 +216,7 @@ SETTINGS: dict[str, Setting] = {
             "warn when a test's peak checked-out connections exceed this share of its pool",
             per_test=True,
             metavar="FRACTION",
+            toml="float",
         ),
         Setting(
             "leak_check_fail_on",
@@ -223,6 +225,7 @@ SETTINGS: dict[str, Setting] = {
             "turn these warnings into failures: " + ", ".join(FAIL_ON_CHOICES),
             per_test=True,
             metavar="LIST",
+            toml="list",
         ),
     )
 }
@@ -251,7 +254,17 @@ def add_options(parser: pytest.Parser) -> None:
                 metavar=setting.metavar,
                 help=help_text,
             )
-        parser.addini(setting.name, setting.help, default=None)
+        parser.addini(setting.name, setting.help, type=_ini_type(setting), default=None)
+
+
+def _ini_type(setting: Setting):
+    # pytest 9 checks TOML value types; a union with str keeps INI text for our own parser,
+    # which names the source of a bad value. Older pytest takes any value as a string.
+    if setting.toml == "list":
+        return "args"
+    if setting.toml == "string" or pytest.version_tuple < (9,):
+        return None
+    return {"bool": str | bool, "float": str | float | int}[setting.toml]
 
 
 def _command_line_value(config: pytest.Config, setting: Setting) -> Any:
@@ -278,6 +291,8 @@ def _raw_sources(config: pytest.Config, setting: Setting):
         value = config.getini(setting.name)
     except ValueError:
         value = None
+    if isinstance(value, list):  # an "args" ini value
+        value = ",".join(value)
     if value is not None and value != "":
         where = f"ini file {config.inipath}" if config.inipath else "ini"
         yield value, f"{setting.name}={value!r} ({where})"
