@@ -91,6 +91,12 @@ from conftest import SA_URL, URL
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 KEEP = []
+# Opens a connection in another process (no driver call of ours sees it) and keeps it until
+# this pytest process exits (its stdin closes).
+HOLDER = (
+    "import os, sys, psycopg; c = psycopg.connect(os.environ['DATABASE_URL']); "
+    "c.execute('select 42'); print('connected', flush=True); sys.stdin.read()"
+)
 
 
 async def test_never_closed_session(engine):
@@ -170,6 +176,16 @@ async def test_thread_sync_session_and_psycopg():
         return session, conn, engine
 
     KEEP.append(await asyncio.to_thread(work))
+
+
+def test_unseen_connection_from_a_subprocess():
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "connected"
+    KEEP.append(holder)
 
 
 async def test_undisposed_engine():
@@ -283,6 +299,14 @@ async def test_thread_sync_work_closed():
             conn.execute("select 1")
 
     await asyncio.to_thread(work)
+
+
+def test_subprocess_connection_closed():
+    import subprocess
+    import sys
+
+    code = "import os, psycopg; psycopg.connect(os.environ['DATABASE_URL']).close()"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_sync_psycopg_pool():

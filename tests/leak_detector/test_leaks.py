@@ -128,6 +128,17 @@ def test_gc_and_task_leaks_are_explained(leaky_run):
     assert "still running when the test ended" in task_leak["note"]
 
 
+def test_server_sees_what_the_ledger_cannot(leaky_run):
+    _, result, report = leaky_run
+    outcome = results_by_owner(report)["test_unseen_connection_from_a_subprocess"]
+    assert outcome["fails"]
+    (leak,) = outcome["leaks"]
+    assert leak["kind"] == "database connection (not seen by the client ledger)"
+    assert leak["opened_at"] is None
+    assert leak["last_query"] == "select 42" and leak["state"] == "idle in transaction"
+    assert "ERROR at teardown of test_unseen_connection_from_a_subprocess" in result.stdout
+
+
 def test_undisposed_engine_is_a_warning_by_default(leaky_run):
     _, result, report = leaky_run
     results = results_by_owner(report)
@@ -155,7 +166,7 @@ def test_clean_suite_passes(server_url, clean_project, extra, tmp_path):
     report_path = tmp_path / "report.json"
     result = run(clean_project, server_url, f"--leak-check-report={report_path}", *extra)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "12 passed" in result.stdout
+    assert "13 passed" in result.stdout
     assert "connguard: " in result.stdout  # the header: the check really ran
     assert load_report(report_path)["results"] == []
 
