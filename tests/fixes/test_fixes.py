@@ -140,6 +140,16 @@ DECLINED = {
         """,
         "already started AsyncConnection",
     ),
+    "cursor_returned": (
+        """
+        import aiosqlite
+
+        async def rows(path):
+            db = await aiosqlite.connect(path)
+            return await db.execute("SELECT 1")
+        """,
+        "`db.execute()` gives a result that reads through `db`, and it is returned",
+    ),
     "stream": (
         """
         from sqlalchemy.ext.asyncio import create_async_engine
@@ -150,7 +160,7 @@ DECLINED = {
             result = await conn.stream(q)
             return result
         """,
-        "reads from",
+        "reads through `conn`, and it is returned as `result`",
     ),
 }
 
@@ -228,6 +238,7 @@ RUNNABLE = {
     "in_place": ("names", (7,)),
     "set_to_none": ("touch", ()),
     "user_factories": ("run", ()),
+    "stream_consumed": ("numbers", ()),
 }
 
 
@@ -277,6 +288,7 @@ LEAKS_ON_SUCCESS = {
     "in_place",
     "seed_outage",
     "set_to_none",
+    "stream_consumed",
     "try_finally",
     "user_factories",
 }

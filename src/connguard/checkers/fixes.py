@@ -30,9 +30,45 @@ RELEASE_METHODS = frozenset({"close", "aclose", "dispose", "terminate"})
 # A pooled connection handed back to the pool it came from: `await pool.release(conn)`.
 DEFAULT_ON_RECEIVER = frozenset({"release"})
 
-# Methods whose result keeps reading from the resource after the call returns: closing the
-# resource when the block ends would break a result that escapes the block.
+# Methods whose result keeps reading through the resource after the call returns (a cursor or a
+# streaming result): it must be consumed inside the block, because the block now closes the
+# resource. Per resource (the table's spec name); anything else: the DEFAULT set.
 BORROWING_METHODS = frozenset({"stream", "stream_scalars", "cursor"})
+BORROWING_BY_RESOURCE: dict[str, frozenset[str]] = {
+    # AsyncSession/AsyncConnection.execute() buffer their rows; only streams stay open.
+    "AsyncSession": frozenset({"stream", "stream_scalars"}),
+    "AsyncConnection": frozenset({"stream", "stream_scalars"}),
+    # Sync results are cursor-backed until fetched.
+    "Session": frozenset({"execute", "scalars", "stream", "stream_scalars"}),
+    "Connection": frozenset({"execute", "scalars", "exec_driver_sql", "stream", "stream_scalars"}),
+    # asyncpg's fetch*/execute return plain values; cursors need the connection.
+    "asyncpg connection": frozenset({"cursor"}),
+    "asyncpg pooled connection": frozenset({"cursor"}),
+    # DB-API style drivers: execute() hands back a cursor of the connection.
+    "psycopg AsyncConnection": frozenset({"execute", "cursor"}),
+    "psycopg Connection": frozenset({"execute", "cursor"}),
+    "aiosqlite connection": frozenset({"execute", "executemany", "cursor"}),
+}
+# Calls that read a result to the end: after one of these nothing refers to the cursor.
+CONSUMING_METHODS = frozenset(
+    {
+        "all",
+        "fetchall",
+        "fetchone",
+        "fetchmany",
+        "first",
+        "one",
+        "one_or_none",
+        "scalar",
+        "scalar_one",
+        "scalar_one_or_none",
+        "fetch",
+        "fetchrow",
+        "fetchval",
+        "rowcount",
+        "lastrowid",
+    }
+)
 
 
 class Form(Enum):
@@ -567,7 +603,12 @@ def _locate(wrapper: MetadataWrapper, line: int, col: int) -> _Site:
             # `await AsyncSessionLocal().execute(q)`: used in place by one method call.
             block = parents.get(stmt)
             raise _InPlace(
-                stmt, node, receiver_of.attr.value, block, _enclosing_function(stmt, parents)
+                stmt,
+                node,
+                receiver_of.attr.value,
+                block,
+                _enclosing_function(stmt, parents),
+                parents,
             )
     small = stmt.body[0]
     annotation = None
@@ -633,10 +674,11 @@ class _InPlace(Exception):
         method: str,
         block: cst.CSTNode | None,
         function: cst.FunctionDef | None,
+        parent_of: Any,
     ) -> None:
         super().__init__("in place")
         self.stmt, self.call, self.method = stmt, call, method
-        self.block, self.function = block, function
+        self.block, self.function, self.parent_of = block, function, parent_of
 
 
 def _bind_in_place(module: cst.Module, site: _InPlace, ctx: _Context) -> cst.Module:
@@ -644,11 +686,17 @@ def _bind_in_place(module: cst.Module, site: _InPlace, ctx: _Context) -> cst.Mod
     using `session`: the resource lives exactly as long as the statement that used it."""
     if not isinstance(site.block, cst.IndentedBlock) or site.function is None:
         raise Declined("the resource is used in place outside a function block")
-    if site.method in BORROWING_METHODS:
-        raise Declined(f"`{site.method}()` returns a result that reads from the resource later")
     form, product = resolve_form(ctx, site.call, False, site.function)
     if isinstance(form, str):
         raise Declined(form)
+    borrowing = BORROWING_BY_RESOURCE.get(getattr(product, "name", ""), BORROWING_METHODS)
+    if site.method in borrowing:
+        escape = _borrowed_result_escapes(site.call, [site.stmt], [], site.parent_of)
+        if escape:
+            raise Declined(
+                f"`{site.method}()` gives a result that reads through the resource, and it "
+                f"{escape}; the block would close the resource first"
+            )
     if form is not Form.SYNC and site.function.asynchronous is None:
         raise Declined("the enclosing function is not `async def`, so `async with` cannot go there")
     taken = {n.value for n in _walk(site.function) if isinstance(n, cst.Name)}
@@ -702,6 +750,51 @@ def _make_async_with(module: cst.Module, plain: _PlainWith, ctx: _Context) -> cs
             reason = form if isinstance(form, str) else "another item is a sync context manager"
             raise Declined(f"cannot make the whole `with` async: {reason}")
     return module.deep_replace(plain.stmt, plain.stmt.with_changes(asynchronous=cst.Asynchronous()))
+
+
+def _borrowed_result_escapes(
+    receiver: cst.CSTNode,
+    body: Sequence[cst.CSTNode],
+    after: Sequence[cst.CSTNode],
+    parent_of: Any,
+) -> str | None:
+    """Where a cursor-like result of `receiver.method(...)` goes, if it outlives the block."""
+    node: cst.CSTNode = receiver
+    # Climb the call chain: `(await db.execute(q)).fetchall()` ends in a consuming call.
+    while True:
+        parent = parent_of.get(node)
+        if isinstance(parent, cst.Attribute) and parent.value is node:
+            if parent.attr.value in CONSUMING_METHODS:
+                return None
+            node = parent
+        elif isinstance(parent, cst.Call) and parent.func is node:
+            node = parent
+        elif isinstance(parent, cst.Await):
+            node = parent
+        else:
+            break
+    parent = parent_of.get(node)
+    if isinstance(parent, cst.Return):
+        return "is returned"
+    if isinstance(parent, (cst.Yield, cst.From)):
+        return "is yielded"
+    if isinstance(parent, cst.Assign) and all(
+        isinstance(t.target, cst.Name) for t in parent.targets
+    ):
+        for target in parent.targets:
+            bound = target.target.value
+            if _uses(after, bound):
+                return f"is used after the block as `{bound}`"
+            for use in _uses(body, bound):
+                holder = parent_of.get(use.node)
+                if use.kind == "bare" and isinstance(holder, (cst.Return, cst.Yield)):
+                    return f"is returned as `{bound}`"
+                if use.nested:
+                    return f"is captured as `{bound}`"
+        return None
+    if isinstance(parent, (cst.Assign, cst.AnnAssign, cst.AugAssign)):
+        return "is stored"
+    return None
 
 
 def _escape_reason(name: str, parent: cst.CSTNode | None) -> str:
@@ -799,6 +892,7 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
     if _uses(after[kept_forget:], name):
         raise Declined(f"`{name}` is used after it is released")
 
+    borrowing = BORROWING_BY_RESOURCE.get(getattr(product, "name", ""), BORROWING_METHODS)
     for use in _uses(body, name):
         if use.nested:
             raise Declined(f"`{name}` is captured by a nested function, lambda or class")
@@ -806,8 +900,13 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
             raise Declined(_escape_reason(name, site.parent_of.get(use.node)))
         if use.attr in own:
             raise Declined(f"`{name}` is released inside a branch or nested statement")
-        if use.attr in BORROWING_METHODS:
-            raise Declined(f"`{name}.{use.attr}()` returns a result that reads from `{name}` later")
+        if use.attr in borrowing:
+            escape = _borrowed_result_escapes(use.node, body, after, site.parent_of)
+            if escape:
+                raise Declined(
+                    f"`{name}.{use.attr}()` gives a result that reads through `{name}`, and it "
+                    f"{escape}; the block would close `{name}` first"
+                )
         if use.attr and use.attr.startswith("__a"):
             raise Declined(f"`{name}` is entered or exited by hand")
 
