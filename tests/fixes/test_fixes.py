@@ -150,6 +150,19 @@ DECLINED = {
         """,
         "`db.execute()` gives a result that reads through `db`, and it is returned",
     ),
+    "sync_commit_then_return": (
+        """
+        from sqlalchemy.orm import sessionmaker
+        SessionLocal = sessionmaker()
+
+        def create(item):
+            session = SessionLocal()
+            session.add(item)
+            session.commit()
+            return item
+        """,
+        "detached by the closed session",
+    ),
     "stream": (
         """
         from sqlalchemy.ext.asyncio import create_async_engine

@@ -910,6 +910,18 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
         if use.attr and use.attr.startswith("__a"):
             raise Declined(f"`{name}` is entered or exited by hand")
 
+    if form is Form.SYNC and getattr(product, "kind", "") == "session":
+        commits = any(u.attr == "commit" for u in _uses(body, name))
+        returns = any(
+            isinstance(n, cst.Return) and n.value is not None for s in body for n in _walk(s)
+        )
+        if commits and returns:
+            # A sync Session expires what it loaded on commit and reloads it on access; once
+            # the block closes it, returned objects are detached and those reloads fail.
+            raise Declined(
+                "objects returned after `commit()` would be detached by the closed session"
+            )
+
     # A blank line right under the new `async with` header reads as a mistake; comments stay.
     leading = list(body[0].leading_lines)
     while leading and leading[0].comment is None:
