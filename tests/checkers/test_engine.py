@@ -254,3 +254,25 @@ def test_installed_packages_are_never_read_for_the_project(tmp_path):
     assert engine.check_file(site / "ownpkg/use_other.py", config) == []
     resolver = ProjectImports(config.table, [tmp_path / "proj"])
     assert resolver.find("otherpkg.db") is None
+
+
+def test_imports_inside_docstrings_and_comments_do_not_pass_the_prefilter():
+    doc_only = '''"""Usage:
+
+    from sqlalchemy.ext.asyncio import AsyncSession
+    session = AsyncSession(engine)
+"""
+# from asyncpg import connect
+import os
+'''
+    assert not engine.may_hold_finding(doc_only, "doc.py", Config())
+    # a triple quote inside a one-line string does not hide the real import after it
+    tricky = "QUOTE = \"'''\"\nfrom sqlalchemy.ext.asyncio import AsyncSession\nX = '''\n"
+    assert engine.may_hold_finding(tricky, "tricky.py", Config())
+
+
+def test_code_only_keeps_code_and_drops_strings_and_comments():
+    from connguard.checkers.imports import code_only
+
+    text = "a = 'x#y'  # note\nb = \"\"\"doc\nmore\"\"\"\nc = f'{a}'\n"
+    assert code_only(text) == 'a = ""  \nb = ""\nc = f""\n'

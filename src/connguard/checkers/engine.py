@@ -27,9 +27,9 @@ from connguard.checkers.findings import Finding
 from connguard.checkers.imports import (
     ProjectImports,
     binds_table_name,
+    code_only,
     decode_source,
     module_name_for,
-    table_names,
 )
 
 # flake8's spelling: `# noqa` alone, or `# noqa: CG101,CG102` (a colon, then codes).
@@ -77,9 +77,6 @@ class Report:
 _RESOLVERS: dict[int, tuple[Config, ProjectImports]] = {}
 
 
-_TABLE_NAMES: dict[int, tuple[object, frozenset[str]]] = {}
-
-
 def may_hold_finding(source: str, path: str, config: Config) -> bool:
     """The prefilter, no parse: a resource name in the text (resources.may_hold_resource) AND an
     import that binds a table name, or else an import of a project module's maker/factory."""
@@ -88,14 +85,14 @@ def may_hold_finding(source: str, path: str, config: Config) -> bool:
     table = config.table
     resolver = resolver_for(config)
     module, is_package = _module_of(path, resolver)
+    if "import" not in source:
+        return False
+    code = source
     if resources.may_hold_resource(source, table):
-        entry = _TABLE_NAMES.get(id(table))
-        if entry is None or entry[0] is not table:
-            entry = (table, table_names(table))
-            _TABLE_NAMES[id(table)] = entry
-        if binds_table_name(source, entry[1], module, is_package):
+        code = code_only(source)
+        if binds_table_name(code, resolver.table_names, module, is_package):
             return True
-    return resolver.imports_factory(source, module, is_package)
+    return resolver.imports_factory(code, module, is_package)
 
 
 def resolver_for(config: Config) -> ProjectImports:

@@ -27,6 +27,21 @@ _FROM_IMPORT = re.compile(
 _PLAIN_IMPORT = re.compile(r"^[ \t]*import[ \t]+((?:[^\n\\#;]|\\\n)+)", re.MULTILINE)
 _COMMENT = re.compile(r"#[^\n]*")
 _STDLIB = frozenset(getattr(sys, "stdlib_module_names", ()))
+# Comments and string literals, leftmost first, so that a quote inside a comment or a triple
+# quote inside a one-line string does not start a string: a lexer in one regular expression.
+_NOT_CODE = re.compile(
+    r"#[^\n]*"
+    r'|"""[\s\S]*?"""'
+    r"|'''[\s\S]*?'''"
+    r'|"(?:\\.|[^"\\\n])*"'
+    r"|'(?:\\.|[^'\\\n])*'"
+)
+
+
+def code_only(text: str) -> str:
+    """`text` with comments dropped and every string literal emptied: docstrings full of
+    `from sqlalchemy import create_engine` examples must not count as imports."""
+    return _NOT_CODE.sub(lambda m: "" if m.group(0)[0] == "#" else '""', text)
 
 
 def iter_from_imports(text: str) -> Iterator[tuple[int, str, list[str]]]:
@@ -138,6 +153,7 @@ class ProjectImports:
         self._stack: list[str] = []
         self._tainted: set[str] = set()
         self._skip_roots = frozenset(getattr(table, "roots", ())) | _STDLIB
+        self.table_names = table_names(table)
         for root in roots:
             self.add_root(root)
 
@@ -240,9 +256,11 @@ class ProjectImports:
             return {}
         from connguard.checkers import resources
 
-        if not resources.may_hold_resource(text, self.table) and not self.imports_factory(
-            text, module, is_package
-        ):
+        code = code_only(text)
+        creates = resources.may_hold_resource(text, self.table) and binds_table_name(
+            code, self.table_names, module, is_package
+        )
+        if not creates and not self.imports_factory(code, module, is_package):
             return {}
         from connguard.checkers import analysis
 
