@@ -91,6 +91,7 @@ from conftest import SA_URL, URL
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 KEEP = []
+LATE_DONE = asyncio.Event()
 # Opens a connection in another process (no driver call of ours sees it) and keeps it until
 # this pytest process exits (its stdin closes).
 HOLDER = (
@@ -176,6 +177,20 @@ async def test_thread_sync_session_and_psycopg():
         return session, conn, engine
 
     KEEP.append(await asyncio.to_thread(work))
+
+
+async def test_starts_late_work(engine):
+    async def later():
+        await asyncio.sleep(0.05)
+        session = AsyncSession(engine)  # LEAK test_starts_late_work
+        await session.execute(text("select 1"))
+        LATE_DONE.set()
+
+    asyncio.ensure_future(later())
+
+
+async def test_waits_for_late_work():
+    await LATE_DONE.wait()
 
 
 def test_unseen_connection_from_a_subprocess():

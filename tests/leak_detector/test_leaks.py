@@ -128,6 +128,19 @@ def test_gc_and_task_leaks_are_explained(leaky_run):
     assert "still running when the test ended" in task_leak["note"]
 
 
+def test_a_leak_found_during_a_later_test_is_blamed_on_its_owner(leaky_run):
+    _, result, report = leaky_run
+    results = results_by_owner(report)
+    late = results["test_starts_late_work"]
+    assert late["surfaced_later"] and not late["fails"]
+    assert late["nodeid"] == "test_leaky.py::test_waits_for_late_work"
+    (line,) = leak_lines(TEST_LEAKY)["test_starts_late_work"]
+    assert late["leaks"][0]["opened_at"]["line"] == line
+    assert "test_waits_for_late_work" not in results
+    assert "PASSED test_leaky.py::test_waits_for_late_work" in result.stdout
+    assert "LATE test_leaky.py::test_starts_late_work: 1 leaked" in result.stdout
+
+
 def test_server_sees_what_the_ledger_cannot(leaky_run):
     _, result, report = leaky_run
     outcome = results_by_owner(report)["test_unseen_connection_from_a_subprocess"]

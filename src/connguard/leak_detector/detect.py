@@ -182,10 +182,11 @@ class LeakDetector:
         def belongs(owner: Owner | None) -> bool:
             return owner is not None and owner.scope == "function" and owner.nodeid == nodeid
 
+        # Earlier tests' stragglers first, so their backends are not counted as this test's.
+        self._collect_surfaced(nodeid)
         outcome = self._evaluate(belongs, nodeid, nodeid, item, test_level=True)
         if outcome is not None:
             self._item_outcomes.append(outcome)
-        self._collect_surfaced(nodeid)
 
     def pytest_fixture_post_finalizer(self, fixturedef: Any, request: Any) -> None:
         owner = self._wide.pop(fixturedef, None)
@@ -203,18 +204,32 @@ class LeakDetector:
             self.outcomes.append(self._as_dict(outcome))
 
     def _collect_surfaced(self, current: str) -> None:
-        """GC-reclaimed checkouts of earlier tests, found now: blamed on their owners."""
-        live_wide = set(map(id, self._wide.values()))
-        late = self.ledger.take_reclaimed(
-            lambda o: o is not None and o.nodeid != current and id(o) not in live_wide
-        )
+        """Leaks of earlier tests found now: blamed on their owners, listed, not failed here.
+
+        A task or thread a finished test started can check a connection out later, and a
+        checkout can be reclaimed by the garbage collector after its test was counted.
+        """
+
+        def earlier(owner: Owner | None) -> bool:
+            return owner is not None and owner.scope == "function" and owner.nodeid != current
+
+        ledger = self.ledger
+        still_open = ledger.open_records(earlier)
+        if still_open:
+            gc.collect()
+            still_open = ledger.open_records(earlier)
+        late = still_open + ledger.take_reclaimed(earlier)
+        if not late:
+            return
+        snapshot = self.observer.last or {}
         by_owner: dict[str, list[Record]] = {}
         for record in late:
             by_owner.setdefault(record.owner.label, []).append(record)
         for label, records in by_owner.items():
             outcome = Outcome(owner=label, nodeid=current, surfaced_later=True)
-            outcome.leaks = [self._leak(r, {}) for r in records]
+            outcome.leaks = [self._leak(r, snapshot) for r in records]
             self._item_outcomes.append(outcome)
+        ledger.forget(late)
 
     # -- the decision
 

@@ -219,7 +219,7 @@ def format_summary(outcomes: list[dict[str, Any]], root: str | None = None) -> l
             where = f" (opened at {_relative(first['path'], root)}:{first['line']})"
         later = ""
         if outcome.get("surfaced_later"):
-            later = f" [reclaimed by the garbage collector during {outcome['nodeid']}]"
+            later = f" [found during {outcome['nodeid']}]"
         lines.append(f"{status} {outcome['owner']}: {', '.join(parts)}{where}{later}")
     return lines
 
