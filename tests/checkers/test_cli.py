@@ -353,3 +353,12 @@ def test_fix_rewrites_and_the_file_then_checks_clean(tmp_path):
     assert "async with AsyncSessionLocal() as session:" in fixed
     assert result.returncode == 0, result.stdout + result.stderr
     assert run("--select", "CG101,CG102", "a.py", cwd=tmp_path).returncode == 0
+
+
+def test_fix_from_stdin_prints_the_fixed_source(tmp_path):
+    result = run("--fix", "-", "--stdin-filename", "api.py", cwd=tmp_path, input=LEAK)
+    assert_no_traceback(result)
+    assert "async with AsyncSessionLocal() as session:" in result.stdout
+    assert result.returncode == 0, result.stderr
+    diff = run("--diff", "-", "--stdin-filename", "api.py", cwd=tmp_path, input=LEAK)
+    assert diff.returncode == 1 and "+++ b/api.py" in diff.stdout

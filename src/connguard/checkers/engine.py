@@ -38,9 +38,9 @@ _NOQA = re.compile(
 )
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
-# Files at or under this many bytes in total are checked in-process even with -j: a pool costs
-# more than it saves for the handful of files a pre-commit run hands us.
-_POOL_MIN_FILES = 8
+# With automatic -j, less source than this is checked in-process: a pool (fork, then LibCST
+# imported in every worker) costs more than it saves on the few files a pre-commit run hands us.
+_POOL_MIN_BYTES = 256 * 1024
 
 
 @dataclass
@@ -345,11 +345,15 @@ def default_jobs() -> int:
 
 
 def check_files(files: Sequence[str], config: Config, jobs: int = 1) -> Report:
-    """Check already-discovered files, in parallel processes when worth it."""
-    jobs = default_jobs() if jobs <= 0 else jobs
+    """Check already-discovered files, in parallel processes when worth it (jobs=0: as many
+    as there are cores, and only for enough source; an explicit jobs > 1 always uses them)."""
+    auto = jobs <= 0
+    jobs = default_jobs() if auto else jobs
     jobs = min(jobs, len(files)) if files else 1
+    if auto and jobs > 1 and sum(_size(f) for f in files) < _POOL_MIN_BYTES:
+        jobs = 1
     results: list[tuple[list[Finding], int]]
-    if jobs <= 1 or len(files) < min(_POOL_MIN_FILES, 2 * jobs):
+    if jobs <= 1:
         results = []
         for path in files:
             try:
