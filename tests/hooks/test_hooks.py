@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import subprocess
 import sys
@@ -121,29 +120,32 @@ def test_check_hook_module_runs_cold_and_fast(project):
 
 
 def test_libcst_codemod_command(project):
-    target = project / "routes.py"
-    target.write_text(LEAK)
-    env = dict(os.environ)
+    (project / "pkg").mkdir()
+    leak, escapes = project / "pkg" / "routes.py", project / "pkg" / "deps.py"
+    leak.write_text(LEAK)
+    escapes.write_text(ESCAPES)
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "libcst.tool",
             "codemod",
-            "-x",
-            "--no-format",
+            "-x",  # the command by module path: no .libcst.codemod.yaml needed
+            "--no-format",  # else libcst.tool pipes every changed file through black
+            "--jobs=2",  # `-j 2` would be taken for the command by libcst.tool's first parser
             "--hide-progress",
             "connguard.checkers.codemod.AsyncWithCommand",
-            str(target),
+            "pkg",
         ],
         cwd=project,
-        env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert target.read_text() == FIXED
+    assert leak.read_text() == FIXED
+    assert escapes.read_text() == ESCAPES
+    assert "7:15: CG101 not fixed: `session` is passed on to other code" in proc.stderr
 
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,9 +1,11 @@
 """The `async with` autofix as a LibCST codemod command, for bulk runs with `libcst.tool`.
 
-    python -m libcst.tool codemod -x --no-format connguard.checkers.codemod.AsyncWithCommand src/
+    python -m libcst.tool codemod -x --no-format --jobs=4 connguard.checkers.codemod.AsyncWithCommand src/
 
 `-x` makes libcst.tool import the command by its full module path (no .libcst.codemod.yaml
-needed); `--no-format` because libcst.tool would otherwise pipe the result through black.
+needed); `--no-format` because libcst.tool would otherwise pipe the result through black; and
+`--jobs=N` in that spelling, since libcst.tool's first argument pass reads `-j N`'s N as the
+command. Declined findings are printed as codemod warnings, with the reason.
 """
 
 from __future__ import annotations
