@@ -1,6 +1,7 @@
 """The `async with` autofix as a LibCST codemod command, for bulk runs with `libcst.tool`.
 
-    python -m libcst.tool codemod -x --no-format --jobs=4 connguard.checkers.codemod.AsyncWithCommand src/
+    python -m libcst.tool codemod -x --no-format --jobs=4 \
+        connguard.checkers.codemod.AsyncWithCommand src/
 
 `-x` makes libcst.tool import the command by its full module path (no .libcst.codemod.yaml
 needed); `--no-format` because libcst.tool would otherwise pipe the result through black; and
