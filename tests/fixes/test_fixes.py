@@ -394,8 +394,11 @@ def _collect_invalid():
 def test_every_invalid_example_is_fixed_or_declined_with_a_reason(code, example):
     assert code is not None, "connguard.checkers.rules.RULES is not importable"
     source = textwrap.dedent(example)
-    before = _fixable(source)
-    outcome = fix_source(source, PATH, CONFIG)
+    # Select the rule by name: some rules are off by default.
+    config = Config(select=frozenset({"CG1", code}))
+    before = check_source(source, PATH, config)
+    assert before, "an INVALID example the checker does not flag proves nothing here"
+    outcome = fix_source(source, PATH, config)
 
     verdicts = {(f.line, f.col) for f in outcome.applied} | {
         (f.line, f.col) for f, _ in outcome.declined
@@ -407,9 +410,9 @@ def test_every_invalid_example_is_fixed_or_declined_with_a_reason(code, example)
     if not outcome.applied:
         assert outcome.source == source
         return
-    after_lines = {f.line for f in check_source(outcome.source, PATH, CONFIG)}
+    after_lines = {f.line for f in check_source(outcome.source, PATH, config)}
     assert not after_lines & {f.line for f in outcome.applied}
-    assert fix_source(outcome.source, PATH, CONFIG).source == outcome.source
+    assert fix_source(outcome.source, PATH, config).source == outcome.source
 
 
 def test_in_place_use_gets_a_name_not_taken_in_the_function():

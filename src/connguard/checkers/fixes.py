@@ -990,12 +990,41 @@ def _context(module: cst.Module, source: str, path: str, config: Config) -> _Con
     return _Context(module, source, config.table, resolver, module_name)
 
 
+def _not_fixable_reason(code: str) -> str:
+    """Why a finding of a rule the fixer does not rewrite stays: the rule's own "Fix safety"."""
+    if code == "CG000":
+        return "the file does not parse"
+    try:
+        from connguard.checkers.rules import RULES
+
+        doc = RULES[code].__doc__ or ""
+    except (ImportError, KeyError):
+        return "no automatic fix for this code"
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "Fix safety:":
+            text = []
+            for follow in lines[i + 1 :]:
+                if not follow.strip() or (follow.strip().endswith(":") and not text):
+                    break
+                text.append(follow.strip())
+            note = " ".join(text)
+            # "Not fixed automatically: <why>" reads twice after "not fixed:"; keep the why.
+            for prefix in ("Not fixed automatically:", "Not fixed automatically."):
+                if note.startswith(prefix):
+                    note = note[len(prefix) :].strip()
+            if note:
+                return f"no automatic fix for {code}: {note}"
+    return f"no automatic fix for {code}"
+
+
 def _one_pass(source: str, path: str, config: Config, findings: list[Finding]) -> FixOutcome:
     outcome = FixOutcome(source=source, original=source)
     fixable: list[Finding] = []
     seen: set[tuple[int, int]] = set()
     for finding in findings:
         if finding.code not in FIXABLE_CODES:
+            outcome.declined.append((finding, _not_fixable_reason(finding.code)))
             continue
         if (finding.line, finding.col) in seen:
             continue
@@ -1006,7 +1035,7 @@ def _one_pass(source: str, path: str, config: Config, findings: list[Finding]) -
     try:
         module = cst.parse_module(source)
     except cst.ParserSyntaxError:
-        outcome.declined = [(f, "the file does not parse") for f in fixable]
+        outcome.declined += [(f, "the file does not parse") for f in fixable]
         return outcome
     ctx = _context(module, source, path, config)
 
