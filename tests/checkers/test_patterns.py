@@ -885,3 +885,70 @@ def test_end_position_is_exclusive_one_based() -> None:
     (finding,) = check_module(source, "x.py")
     line = source.splitlines()[finding.line - 1]
     assert line[finding.col - 1 : finding.end_col - 1] == "AsyncSessionLocal()"
+
+
+TRICKY = '''
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+Maker = async_sessionmaker()
+
+async def everything(engine, items, flag):
+    global COUNTER
+    s = AsyncSession(engine)
+    match flag:
+        case {"a": 1}:
+            await s.close()
+        case [x, *rest] if x:
+            return s
+        case _:
+            pass
+    try:
+        async with Maker() as t, t.begin():
+            pass
+    except* ValueError:
+        pass
+    if (n := len(items)) > 3:
+        f = lambda: s
+    total = [await s.execute(i) async for i in items if i]
+    del total
+    while flag:
+        flag -= 1
+        if flag == 2:
+            continue
+        break
+    else:
+        pass
+    for (a, b), c in items:
+        nonlocal_like = a
+    class Inner:
+        x = s
+    def nested():
+        nonlocal flag
+        return s
+    return (yield_ for yield_ in items)
+
+def gen():
+    conn = yield
+    x = yield from other()
+    return x
+
+async def with_tuple_targets(dsn):
+    (a, b), c = await asyncpg.connect(dsn), None, None
+    a, b = b, a
+    [p, q] = await asyncpg.connect(dsn), 1
+    async with await asyncpg.connect(dsn) as (x, y):
+        pass
+'''
+
+
+def test_tricky_syntax_does_not_crash() -> None:
+    check_module(TRICKY, "tricky.py", table=DEFAULT_TABLE, enabled=set(RULES))
+
+
+def test_deeply_nested_expression_does_not_crash() -> None:
+    source = (
+        "from sqlalchemy.ext.asyncio import AsyncSession\n"
+        "async def f(e):\n    s = AsyncSession(e)\n    x = " + "(" * 120 + "s" + ")" * 120 + "\n    return x\n"
+    )
+    assert check_module(source, "deep.py") == []

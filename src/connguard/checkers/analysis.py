@@ -214,7 +214,10 @@ def _to_findings(module: cst.Module, path: str, reports: list[tuple[str, cst.CST
     from libcst.metadata import MetadataWrapper, PositionProvider
 
     wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
-    positions = wrapper.resolve(PositionProvider)
+    try:
+        positions = wrapper.resolve(PositionProvider)
+    except RecursionError:
+        return []  # a pathologically deep tree: no position, so no finding rather than a crash
     findings = []
     for code, node, message in reports:
         rng = positions.get(node)
@@ -772,7 +775,12 @@ class ModuleAnalysis:
     # ---------------------------------------------------------------- factories
 
     def _creation_spec(self, call: cst.Call, scope: FunctionInfo | None) -> ResourceSpec | None:
-        callee = self.callee_binding(call.func, scope)
+        func = call.func
+        if type(func) is cst.Call:
+            # `sessionmaker(bind=engine)()`: call the maker the inner call makes.
+            callee = self.value_binding(func, scope)
+        else:
+            callee = self.callee_binding(func, scope)
         if callee is None or callee.call is None:
             return None
         product = callee.call
@@ -902,8 +910,8 @@ class ModuleAnalysis:
                 continue
             try:
                 FunctionAnalysis(self, info).run()
-            except RecursionError:
-                continue  # absurdly nested expression: no verdict rather than a crash
+            except (RecursionError, _GiveUp):
+                continue  # absurdly nested or branchy code: no verdict rather than a guess
         self._owner_checks()
         return self.fates
 
