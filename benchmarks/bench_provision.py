@@ -169,7 +169,7 @@ def main() -> int:
     docker_problem = _docker_ready()
     if docker_problem is None:
         cases.append((
-            f"connguard container ({IMAGE}, host network)",
+            "connguard container (local image, host net)",
             lambda i: time_to_first_test(
                 "connguard_database",
                 ["--leak-check", "--leak-check-db=container", "--leak-check-network=host",
