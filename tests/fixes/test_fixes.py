@@ -464,7 +464,7 @@ def test_the_incident_endpoint_is_fixed_the_way_the_post_mortem_fixed_it():
     incident = Path(__file__).resolve().parents[2] / "examples" / "incident" / "app" / "routes"
     if not (incident / "agents.py").is_file():
         pytest.skip("examples/incident is not in this checkout")
-    outcome = fix_file(incident / "agents.py", write=False)
+    outcome = fix_file(incident / "agents.py", CONFIG, write=False)
     assert [f.code for f in outcome.applied] == ["CG101"]
     fixed_by_hand = (incident / "agents_fixed.py").read_text()
     # Everything but the module docstring's first line is the same.
