@@ -952,3 +952,33 @@ def test_deeply_nested_expression_does_not_crash() -> None:
         "async def f(e):\n    s = AsyncSession(e)\n    x = " + "(" * 120 + "s" + ")" * 120 + "\n    return x\n"
     )
     assert check_module(source, "deep.py") == []
+
+
+class _ProjectResolver:
+    """Resolves `app.db` as a project module holding a maker, through module_factories."""
+
+    DB = (
+        "from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine\n"
+        "engine = create_async_engine('postgresql+asyncpg://localhost/app')\n"
+        "AsyncSessionLocal = async_sessionmaker(engine)\n"
+        "def make_session():\n    return AsyncSessionLocal()\n"
+    )
+
+    def resolve(self, module: str, name: str) -> ResourceSpec | None:
+        if module == "app.db":
+            return module_factories(self.DB, imports=self, module_name="app.db").get(name)
+        return None
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from app.db import AsyncSessionLocal\nasync def f(q):\n    s = AsyncSessionLocal()  # CG101\n    return await s.execute(q)\n",
+        "from app import db\nasync def f(q):\n    s = db.AsyncSessionLocal()  # CG101\n    return await s.execute(q)\n",
+        "import app.db as db\nasync def f(q):\n    s = db.make_session()  # CG101\n    return await s.execute(q)\n",
+        "from app.db import engine\nasync def f(q):\n    conn = await engine.connect()  # CG101\n    return await conn.execute(q)\n",
+        "from app.db import AsyncSessionLocal as S\nasync def f(q):\n    async with S() as s:\n        return await s.execute(q)\n",
+    ],
+)
+def test_cross_module_makers_and_factories(source: str) -> None:
+    assert run(source, imports=_ProjectResolver()) == expected_marks(source)

@@ -493,7 +493,7 @@ class ModuleAnalysis:
         qualified = imports.get(root)
         if qualified is None:
             return None
-        if qualified.split(".", 1)[0] not in self.roots and root not in from_imports:
+        if qualified.split(".", 1)[0] not in self.roots and root not in from_imports and self.resolver is None:
             return None
         if len(parts) == 1:
             return self._qualified_binding(qualified, root, from_imports)
@@ -503,8 +503,9 @@ class ModuleAnalysis:
             return callable_of(spec)
         base = self._qualified_binding(qualified, root, from_imports) if root in from_imports else None
         if base is None:
-            # `import pkg.db as db; db.Session()`: ask the resolver about pkg.db's `Session`.
-            if self.resolver is not None and len(parts) == 2 and root not in from_imports:
+            # `import pkg.db as db; db.Session()` or `from pkg import db; db.Session()`: ask the
+            # resolver about pkg.db's `Session`.
+            if self.resolver is not None and len(parts) == 2 and not qualified.startswith("."):
                 top = qualified.split(".", 1)[0]
                 if top not in self.roots and top not in _STDLIB:
                     key = full

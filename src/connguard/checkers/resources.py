@@ -182,6 +182,11 @@ DEFAULT_FACTORIES: Mapping[str, ResourceSpec] = MappingProxyType({
     "sqlalchemy.engine.create.create_engine": ENGINE,
     "sqlalchemy.engine_from_config": ENGINE,
     "sqlalchemy.engine.engine_from_config": ENGINE,
+    # SQLModel re-exports SQLAlchemy's sessions and engines under its own names
+    "sqlmodel.Session": SESSION,
+    "sqlmodel.orm.session.Session": SESSION,
+    "sqlmodel.create_engine": ENGINE,
+    "sqlmodel.ext.asyncio.session.AsyncSession": ASYNC_SESSION,
     # asyncpg
     "asyncpg.connect": ASYNCPG_CONNECTION,
     "asyncpg.connection.connect": ASYNCPG_CONNECTION,
