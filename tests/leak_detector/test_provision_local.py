@@ -169,3 +169,32 @@ def test_per_test_databases_are_fresh_clones(pytester):
                         "--leak-check-db-per-test")  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed" in result.stdout
+
+
+def test_the_janitor_runs_after_every_other_unconfigure_and_sessionfinish(pytester, tmp_path):
+    # A detector counts in sessionfinish / unconfigure; the database must still be there.
+    pytester.makeconftest(
+        """
+        import os, psycopg
+        from pathlib import Path
+
+        def _check(config, when):
+            run = config.pluginmanager.get_plugin("connguard-provision")
+            with psycopg.connect(run.database.url) as conn:
+                conn.execute("select 1")
+            with open(os.environ["OUT_FILE"], "a") as out:
+                out.write(when + " ok\\n")
+
+        def pytest_sessionfinish(session):
+            _check(session.config, "sessionfinish")
+
+        def pytest_unconfigure(config):
+            _check(config, "unconfigure")
+        """
+    )
+    pytester.makepyfile("def test_one(connguard_database):\n    pass\n")
+    out = tmp_path / "out.txt"
+    result = run_pytest(pytester.path, "--leak-check", "--leak-check-db=local",
+                        env={"OUT_FILE": str(out)})  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert out.read_text().splitlines() == ["sessionfinish ok", "unconfigure ok"]

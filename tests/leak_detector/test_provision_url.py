@@ -134,3 +134,29 @@ def test_kill_9_leaves_a_database_the_next_run_drops(pytester, server_url):
     assert result.returncode == 0, result.stdout + result.stderr
     assert facts["dbname"] not in databases(server_url)
     assert "someone_elses" in databases(server_url)
+
+
+def test_xdist_workers_get_a_database_each_on_the_url_server(pytester, server_url, tmp_path):
+    pytester.makepyfile(
+        """
+        import os
+        from pathlib import Path
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_where(n, connguard_database):
+            out = Path(os.environ["OUT_DIR"]) / os.environ["PYTEST_XDIST_WORKER"]
+            out.write_text(connguard_database.dbname)
+        """
+    )
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    before = databases(server_url)
+    result = run_pytest(
+        pytester.path, "-n", "2", "--leak-check", "--leak-check-db=url",
+        env={"CONNGUARD_DATABASE_URL": server_url, "OUT_DIR": str(out_dir)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = {path.read_text() for path in out_dir.iterdir()}
+    assert len(names) == 2 and all(name.startswith("connguard_") for name in names)
+    assert databases(server_url) == before

@@ -282,6 +282,10 @@ class LocalProvider:
         # Copy to a private name, then rename: concurrent runs never see half a cluster.
         with contextlib.suppress(OSError):
             cached.parent.mkdir(parents=True, exist_ok=True)
+            for leftover in cached.parent.glob(cached.name + ".*"):
+                # A staging copy an hour old belongs to a run that was killed mid-copy.
+                if time.time() - leftover.stat().st_mtime > 3600:
+                    shutil.rmtree(leftover, ignore_errors=True)
             staging = Path(tempfile.mkdtemp(prefix=cached.name + ".", dir=cached.parent))
             shutil.copytree(data, staging / "data", symlinks=True)
             try:
