@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 from provision_helpers import (
@@ -140,3 +141,32 @@ def test_auto_chooses_the_container_when_engine_and_image_are_there(pytester, do
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"backend container ({TEST_IMAGE}, host)" in result.stdout
+
+
+def test_the_local_image_honours_the_official_environment(docker_client):
+    """The image .ci/build-postgres-image.sh builds behaves like the official one."""
+    import psycopg
+
+    from connguard.leak_detector.provision import free_port, make_url
+
+    port = free_port()
+    container = docker_client.containers.run(
+        TEST_IMAGE, detach=True, network_mode="host",
+        environment={"POSTGRES_USER": "alice", "POSTGRES_PASSWORD": "pw", "POSTGRES_DB": "appdb",
+                     "PGPORT": str(port)},
+        labels={"org.connguard": "true"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while b"database system is ready to accept connections" not in container.logs():
+            assert time.monotonic() < deadline, container.logs().decode()[-2000:]
+            time.sleep(0.1)
+        url = make_url("alice", "pw", "127.0.0.1", port, "appdb")
+        with psycopg.connect(url) as conn:
+            assert conn.execute("select current_user, current_database()").fetchone() == (
+                "alice", "appdb",
+            )  # fmt: skip
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(make_url("alice", "wrong", "127.0.0.1", port, "appdb")).close()
+    finally:
+        container.remove(force=True)
