@@ -252,6 +252,7 @@ RUNNABLE = {
     "set_to_none": ("touch", ()),
     "user_factories": ("run", ()),
     "stream_consumed": ("numbers", ()),
+    "class_attribute": ("run", ()),
 }
 
 
@@ -297,6 +298,7 @@ def _run(path: Path, func: str, args: tuple, monkeypatch) -> tuple[object, int]:
 # Shapes whose input leaks even when nothing raises (the others leak on the error path only).
 LEAKS_ON_SUCCESS = {
     "annotated",
+    "class_attribute",
     "engine_connect",
     "in_place",
     "seed_outage",

@@ -113,6 +113,7 @@ class _Context:
     module_name: str | None
     _imports: dict[str, str] | None = None
     _factories: dict[str, Any] | None = None
+    current: cst.Module | None = None  # the module as rewritten so far (node identities)
 
     @property
     def imports(self) -> dict[str, str]:
@@ -358,6 +359,56 @@ def _user_callable_form(
     )
 
 
+def _self_attribute(
+    expr: cst.BaseExpression, function: cst.FunctionDef, ctx: _Context
+) -> tuple[Any, cst.Call] | None:
+    """`self.X` in a method: the spec of what every `self.X = factory(...)` in the class binds
+    (and that call), when all those assignments agree; None when any is unknown."""
+    params = function.params.params
+    if not (
+        isinstance(expr, cst.Attribute)
+        and isinstance(expr.value, cst.Name)
+        and params
+        and expr.value.value == params[0].name.value
+    ):
+        return None
+    owner = _class_of(ctx.current or ctx.module, function)
+    if owner is None:
+        return None
+    found: list[tuple[Any, cst.Call]] = []
+    for node in _walk(owner.body):
+        if isinstance(node, (cst.Assign, cst.AnnAssign, cst.AugAssign)):
+            targets = (
+                [t.target for t in node.targets] if isinstance(node, cst.Assign) else [node.target]
+            )
+            for target in targets:
+                if (
+                    isinstance(target, cst.Attribute)
+                    and isinstance(target.value, cst.Name)
+                    and target.attr.value == expr.attr.value
+                ):
+                    value = getattr(node, "value", None)
+                    if isinstance(value, cst.Await):
+                        value = value.expression
+                    qualified = (
+                        _qualified(value.func, ctx.imports) if isinstance(value, cst.Call) else None
+                    )
+                    spec = ctx.table.lookup(qualified) if qualified else None
+                    if spec is None or isinstance(node, cst.AugAssign):
+                        return None
+                    found.append((spec, value))
+    if not found or any(spec is not found[0][0] for spec, _ in found):
+        return None
+    return found[0]
+
+
+def _class_of(module: cst.Module, function: cst.FunctionDef) -> cst.ClassDef | None:
+    for node in _walk(module):
+        if isinstance(node, cst.ClassDef) and any(stmt is function for stmt in node.body.body):
+            return node
+    return None
+
+
 def _resolve(
     ctx: _Context, call: cst.Call, awaited: bool, function: cst.FunctionDef
 ) -> tuple[Form | str, Any]:
@@ -386,8 +437,17 @@ def _resolve(
             if verdict is not None:
                 return verdict
     if isinstance(func, cst.Attribute):
+        # `self._maker()`: an attribute the class sets to a session maker.
+        bound = _self_attribute(func, function, ctx)
+        if bound is not None and not getattr(bound[0], "managed", True):
+            product = _product(bound[0], bound[1], ctx)
+            if product is not None:
+                return _form_of(product, awaited), product
         method = func.attr.value
         source = _receiver_spec(func.value, function, ctx)
+        if source is None:
+            self_bound = _self_attribute(func.value, function, ctx)
+            source = self_bound[0] if self_bound is not None else None
         if source is not None:
             form = _method_form(source, method, awaited)
             if form is not None:
@@ -819,6 +879,7 @@ def _escape_reason(name: str, parent: cst.CSTNode | None) -> str:
 
 
 def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
+    ctx.current = module
     wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
     try:
         site = _locate(wrapper, finding.line, finding.col)
