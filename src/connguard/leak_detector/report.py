@@ -135,7 +135,7 @@ def fill_backend(leak: Leak, backend: Backend | None) -> None:
     leak.pid = backend.pid
     leak.state = backend.state
     leak.last_query = backend.query
-    leak.backend_start = backend.backend_start.isoformat() if backend.backend_start else None
+    leak.backend_start = backend.backend_start
     leak.client_port = backend.client_port
     leak.application_name = backend.application_name
 
