@@ -795,6 +795,61 @@ async def endpoint(background_tasks, process):
     background_tasks.add_task(process, session)
     return {"ok": True}
 """,
+    "cached-singleton-getter": """
+from sqlalchemy.ext.asyncio import create_async_engine
+
+_engine = None
+
+def _get_engine():
+    global _engine
+    if _engine is None:
+        _engine = create_async_engine("postgresql+asyncpg://localhost/app")
+    return _engine
+
+async def init_db():
+    engine = _get_engine()
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("select 1")
+""",
+    "logging-before-try": PRE + """
+import logging
+
+logger = logging.getLogger(__name__)
+
+async def get_db():
+    db = AsyncSessionLocal()
+    logger.debug("Opening new DB session")
+    try:
+        yield db
+    finally:
+        await db.close()
+""",
+    "optional-session-parameter": PRE + """
+async def seed(db=None):
+    db_session = db
+    if db_session is None:
+        db_session = AsyncSessionLocal()
+    try:
+        await db_session.execute("select 1")
+        return
+    finally:
+        if db is None:
+            await db_session.close()
+""",
+    "exception-swallowed-then-return": """
+import asyncpg
+
+async def check(url, setup):
+    try:
+        conn = await asyncpg.connect(url)  # CG102
+        if not await setup(conn):
+            await conn.close()
+            return False
+        await conn.close()
+        return True
+    except Exception:
+        return False
+""",
     "global-pool": """
 import asyncpg
 

@@ -794,8 +794,8 @@ class ModuleAnalysis:
         for _ in range(3):
             changed = False
             for target, value in info.assigns:
-                if type(target) is not cst.Name or target.value in fresh:
-                    continue
+                if type(target) is not cst.Name or target.value in fresh or target.value in info.globals:
+                    continue  # a `global` is a cached singleton, not a fresh resource per call
                 inner, _awaited = _unwrap_await(value)
                 spec = None
                 if type(inner) is cst.Call:
@@ -1089,19 +1089,21 @@ class _GiveUp(Exception):
 
 
 class Path:
-    __slots__ = ("held", "status", "consts")
+    __slots__ = ("held", "status", "consts", "exc")
 
-    def __init__(self, held: dict[str, int], status: dict[int, int], consts: dict[str, object]):
+    def __init__(self, held: dict[str, int], status: dict[int, int], consts: dict[str, object],
+                 exc: bool = False):
         self.held = held
         self.status = status
         self.consts = consts
+        self.exc = exc  # reached through an exception handler: a leak here is an error-path leak
 
     def copy(self) -> Path:
-        return Path(dict(self.held), dict(self.status), dict(self.consts))
+        return Path(dict(self.held), dict(self.status), dict(self.consts), self.exc)
 
     def key(self) -> tuple:
         return (tuple(sorted(self.held.items())), tuple(sorted(self.status.items())),
-                tuple(sorted((k, repr(v)) for k, v in self.consts.items())))
+                tuple(sorted((k, repr(v)) for k, v in self.consts.items())), self.exc)
 
     def open_any(self) -> bool:
         for value in self.status.values():
@@ -1245,7 +1247,9 @@ class FunctionAnalysis:
         flow = self.exec_block(self.info.node.body, [start])
         for path in flow.normal + flow.ret:
             for rid, status in path.status.items():
-                if status == OPEN:
+                if status == OPEN and path.exc:
+                    self.fates[rid].leak_exception = True
+                elif status == OPEN:
                     fate = self.fates[rid]
                     fate.leak_normal = True
                     if not fate.reason:
@@ -1387,7 +1391,8 @@ class FunctionAnalysis:
             self.value(node.expression, use.with_await())
             return
         if t is cst.Call:
-            self._raises = True
+            if not _harmless(node):
+                self._raises = True
             self._call(node, use)
             return
         if t is cst.BooleanOperation:
@@ -1703,10 +1708,17 @@ class FunctionAnalysis:
             if verdict is not None:
                 path.consts[name] = verdict
                 return
+        path.consts.pop("~" + name, None)
         if name in path.held:
             path.consts.pop(name, None)
             return
         path.consts.pop(name, None)
+        if t is cst.Name and value.value not in path.held:
+            # `db_session = db`: a later `if db is None` says the same about db_session
+            path.consts["~" + name] = value.value
+            if value.value in path.consts:
+                path.consts[name] = path.consts[value.value]
+            return
         if t in (cst.Integer, cst.SimpleString, cst.Call, cst.Attribute, cst.Await, cst.List, cst.Dict):
             if t is not cst.Call and t is not cst.Attribute and t is not cst.Await:
                 path.consts[name] = "notnone"
@@ -1879,6 +1891,7 @@ class FunctionAnalysis:
                 path.consts[name] = outcome if outcome is False else path.consts.get(name, True) or True
                 if outcome is False:
                     path.consts[name] = False
+                self._same(path, name)
             return path
         if t is cst.UnaryOperation and type(test.operator) is cst.Not:
             return self.refine(path, test.expression, not outcome)
@@ -1896,6 +1909,7 @@ class FunctionAnalysis:
                 if name in path.held:
                     return None if is_none else path
                 path.consts[name] = None if is_none else "notnone"
+                self._same(path, name)
             return path
         if t is cst.BooleanOperation:
             is_and = type(test.operator) is cst.And
@@ -1906,6 +1920,17 @@ class FunctionAnalysis:
                 first = self.refine(path, test.left, False)
                 return None if first is None else self.refine(first, test.right, False)
         return path
+
+    @staticmethod
+    def _same(path: Path, name: str) -> None:
+        """Carry a fact about `name` over to the names it was copied from and to."""
+        value = path.consts[name]
+        source = path.consts.get("~" + name)
+        if isinstance(source, str) and source not in path.held:
+            path.consts[source] = value
+        for key, other in list(path.consts.items()):
+            if key.startswith("~") and other == name and key[1:] not in path.held:
+                path.consts[key[1:]] = value
 
     def branch(self, paths: list[Path], test: cst.BaseExpression) -> tuple[list[Path], list[Path]]:
         yes: list[Path] = []
@@ -2052,6 +2077,8 @@ class FunctionAnalysis:
         for handler in stmt.handlers:
             if exc_in:
                 start = [p.copy() for p in exc_in]
+                for p in start:
+                    p.exc = True
                 if handler.name is not None and type(handler.name.name) is cst.Name:
                     for p in start:
                         p.held.pop(handler.name.name.value, None)
@@ -2170,6 +2197,24 @@ class FunctionAnalysis:
             self.expect_failure -= expects
         flow.absorb(body)
         return flow
+
+
+_HARMLESS_METHODS = frozenset({
+    "debug", "info", "warning", "warn", "error", "exception", "critical", "log", "msg",
+})
+_HARMLESS_FUNCTIONS = frozenset({
+    "print", "len", "str", "repr", "int", "float", "bool", "isinstance", "issubclass", "hasattr",
+    "getattr", "id", "type", "dict", "list", "tuple", "set", "frozenset", "sorted", "min", "max",
+    "format", "monotonic", "perf_counter", "time", "uuid4", "now", "utcnow",
+})
+
+
+def _harmless(call: cst.Call) -> bool:
+    """Logging and plain builtins: calls whose failure is not a path worth a finding."""
+    func = call.func
+    if type(func) is cst.Attribute:
+        return func.attr.value in _HARMLESS_METHODS or func.attr.value in ("time", "monotonic", "perf_counter", "now", "utcnow", "uuid4")
+    return type(func) is cst.Name and func.value in _HARMLESS_FUNCTIONS
 
 
 def _registered_elsewhere(info: FunctionInfo, name: str) -> bool:
