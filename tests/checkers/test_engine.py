@@ -267,7 +267,10 @@ import os
 '''
     assert not engine.may_hold_finding(doc_only, "doc.py", Config())
     # a triple quote inside a one-line string does not hide the real import after it
-    tricky = "QUOTE = \"'''\"\nfrom sqlalchemy.ext.asyncio import AsyncSession\nX = '''\n"
+    tricky = (
+        "QUOTE = \"'''\"\nfrom sqlalchemy.ext.asyncio import AsyncSession\n"
+        "s = AsyncSession(engine)\nX = '''\n"
+    )
     assert engine.may_hold_finding(tricky, "tricky.py", Config())
 
 
@@ -276,3 +279,27 @@ def test_code_only_keeps_code_and_drops_strings_and_comments():
 
     text = "a = 'x#y'  # note\nb = \"\"\"doc\nmore\"\"\"\nc = f'{a}'\n"
     assert code_only(text) == 'a = ""  \nb = ""\nc = f""\n'
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("from sqlalchemy.orm import Session\n\ndef f(s: Session) -> Session:\n    return s\n", False),
+        ("from sqlalchemy.orm import Session\nok = isinstance(x, Session)\n", False),
+        ("from sqlalchemy.orm import Session\ns = Session(engine)\n", True),
+        ("from sqlalchemy.orm import Session as S\ns = S(engine)\n", True),
+        ("from sqlalchemy.orm import Session\nMaker = Session\n", True),
+        ("from sqlalchemy.orm import Session\n\nclass Mine(Base, Session):\n    pass\n", True),
+        ("from sqlalchemy.orm import sessionmaker, Session\nm = sessionmaker(class_=Session)\n", True),
+        ("import asyncpg\n\nasync def f():\n    c = await asyncpg.connect()\n", True),
+        ("import sqlalchemy.ext.asyncio as sa\ns = sa.AsyncSession(e)\n", True),
+        (
+            "from sqlalchemy.ext.asyncio import AsyncEngine\n\n"
+            "async def f(e: AsyncEngine):\n    c = await e.connect()\n",
+            True,
+        ),
+        ("from sqlalchemy.ext.asyncio import AsyncEngine\n", False),
+    ],
+)
+def test_prefilter_wants_a_table_name_used_where_it_can_create(body, expected):
+    assert engine.may_hold_finding(body, "m.py", Config()) is expected

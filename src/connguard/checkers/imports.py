@@ -44,29 +44,46 @@ def code_only(text: str) -> str:
     return _NOT_CODE.sub(lambda m: "" if m.group(0)[0] == "#" else '""', text)
 
 
-def iter_from_imports(text: str) -> Iterator[tuple[int, str, list[str]]]:
-    """(relative level, module, imported names) for each `from ... import ...` in `text`."""
+def _pairs(body: str) -> list[tuple[str, str]]:
+    """(imported name, local name) for each item of an import list."""
+    out = []
+    for part in body.split(","):
+        words = part.split()
+        if words[:1] == ["*"]:
+            out.append(("*", "*"))
+        elif words and all(w.isidentifier() for w in words[0].split(".")):
+            local = words[2] if len(words) == 3 and words[1] == "as" else words[0]
+            out.append((words[0], local))
+    return out
+
+
+def iter_from_import_pairs(text: str) -> Iterator[tuple[int, str, list[tuple[str, str]]]]:
+    """(relative level, module, [(name, local name)]) for each `from ... import ...`."""
     if "import" not in text:
         return
     for match in _FROM_IMPORT.finditer(text):
-        level = len(match.group(1))
-        module = match.group(2)
         body = _COMMENT.sub("", match.group(3)).strip().strip("()").replace("\\\n", " ")
-        names = []
-        for part in body.split(","):
-            words = part.split()
-            if words and words[0].isidentifier() or words[:1] == ["*"]:
-                names.append(words[0])
-        yield level, module, names
+        yield len(match.group(1)), match.group(2), _pairs(body)
+
+
+def iter_from_imports(text: str) -> Iterator[tuple[int, str, list[str]]]:
+    """(relative level, module, imported names) for each `from ... import ...` in `text`."""
+    for level, module, pairs in iter_from_import_pairs(text):
+        yield level, module, [name for name, _local in pairs]
+
+
+def iter_plain_import_pairs(text: str) -> Iterator[tuple[str, str]]:
+    """(module, local name) for `import a.b, c as d`: ("a.b", "a"), ("c", "d")."""
+    for match in _PLAIN_IMPORT.finditer(text):
+        for name, local in _pairs(match.group(1).replace("\\\n", " ")):
+            if name != "*":
+                yield name, (local if local != name else name.split(".", 1)[0])
 
 
 def iter_plain_imports(text: str) -> Iterator[str]:
     """Modules named by `import a.b, c as d` statements."""
-    for match in _PLAIN_IMPORT.finditer(text):
-        for part in match.group(1).replace("\\\n", " ").split(","):
-            words = part.split()
-            if words and all(w.isidentifier() for w in words[0].split(".")):
-                yield words[0]
+    for name, _local in iter_plain_import_pairs(text):
+        yield name
 
 
 def absolute_module(level: int, module: str, importer: str | None, is_package: bool) -> str | None:
@@ -154,6 +171,10 @@ class ProjectImports:
         self._tainted: set[str] = set()
         self._skip_roots = frozenset(getattr(table, "roots", ())) | _STDLIB
         self.table_names = table_names(table)
+        # names that are only types (`AsyncEngine`): their methods create, not their calls
+        self.table_types = frozenset(getattr(table, "types", ())) - frozenset(
+            getattr(table, "factories", ())
+        )
         for root in roots:
             self.add_root(root)
 
@@ -318,19 +339,58 @@ def table_names(table: Any) -> frozenset[str]:
     return frozenset(out)
 
 
-def binds_table_name(text: str, names: frozenset[str], module: str | None, is_package: bool) -> bool:
+def binds_table_name(
+    text: str,
+    names: frozenset[str],
+    module: str | None,
+    is_package: bool,
+    *,
+    types: frozenset[str] = frozenset(),
+    used: bool = False,
+) -> bool:
     """Does `text` import something of the table (`from sqlalchemy.orm import Session`,
-    `import asyncpg`, a relative import that lands on one inside a table library)?"""
-    for level, name, imported in iter_from_imports(text):
+    `import asyncpg`, a relative import that lands on one inside a table library)?
+    With `used`, the name must also be used where it could create something: called,
+    reached through (`asyncpg.connect`), aliased, subclassed; a type (`AsyncEngine`) must
+    appear at all. An import used only in annotations or isinstance() creates nothing."""
+    bound: list[tuple[str, str]] = []  # (qualified, local)
+    for level, name, pairs in iter_from_import_pairs(text):
         target = absolute_module(level, name, module, is_package)
         if target is None or target.split(".", 1)[0] not in names:
             continue
-        if "*" in imported and target in names:
-            return True
-        for item in imported:
-            if f"{target}.{item}" in names:
-                return True
-    for name in iter_plain_imports(text):
+        for item, local in pairs:
+            if item == "*":
+                if target in names:
+                    return True
+            elif f"{target}.{item}" in names:
+                bound.append((f"{target}.{item}", local))
+    for name, local in iter_plain_import_pairs(text):
         if name.split(".", 1)[0] in names:
+            bound.append((name if local != name.split(".", 1)[0] else local, local))
+    if not bound:
+        return False
+    if not used:
+        return True
+    body = _PLAIN_IMPORT.sub("", _FROM_IMPORT.sub("", text))
+    for qualified, local in bound:
+        if qualified in types and _word(local).search(body):
+            return True
+        if _creating_use(local).search(body):
             return True
     return False
+
+
+@lru_cache(maxsize=512)
+def _word(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![\w.]){re.escape(name)}\b")
+
+
+@lru_cache(maxsize=512)
+def _creating_use(name: str) -> re.Pattern[str]:
+    n = re.escape(name)
+    return re.compile(
+        rf"(?<![\w.]){n}\s*[(.]"  # called, or reached through
+        rf"|(?<![=!<>])=\s*{n}\s*(?:$|[,)#;])"  # aliased, or given as `class_=...`
+        rf"|^[ \t]*class\s+\w+\s*\([^)]*(?<![\w.]){n}\b",  # subclassed
+        re.MULTILINE,
+    )
