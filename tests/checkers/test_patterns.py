@@ -850,6 +850,15 @@ async def check(url, setup):
     except Exception:
         return False
 """,
+    "session-or-fresh": PRE + """
+async def seed(db=None):
+    db_session = db or AsyncSessionLocal()
+    try:
+        await db_session.execute("select 1")
+    finally:
+        if db is None:
+            await db_session.close()
+""",
     "global-pool": """
 import asyncpg
 

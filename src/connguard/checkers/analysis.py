@@ -1259,6 +1259,10 @@ class FunctionAnalysis:
                 if status == OPEN:
                     self.fates[rid].leak_exception = True
         for fate in self.fates.values():
+            if fate.conditional and fate.released:
+                # `db or AsyncSessionLocal()` closed under `if db is None`: the condition that
+                # created it guards the close; we do not track that correlation, so trust it.
+                fate.leak_normal = fate.leak_exception = False
             if fate.spec.scoped and not fate.released and not fate.unawaited:
                 # A scoped session is cleaned up by registry.remove() wherever the app
                 # tears down its scope; only a function that removes it itself is judged.

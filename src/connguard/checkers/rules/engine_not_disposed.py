@@ -45,7 +45,8 @@ class EngineNotDisposed(Rule):
             return
         problem = fate.reason or "never closed"
         if fate.spec.kind == "engine":
-            problem = problem.replace("never closed", "never disposed").replace("not closed", "not disposed")
+            problem = (problem.replace("never closed", "never disposed")
+                       .replace("not closed", "not disposed").replace("it is closed", "it is disposed"))
         self.report(fate.node, resource=fate.spec.name, problem=problem, advice=advice(fate))
 
     VALID = [

@@ -40,14 +40,17 @@ class NotReleasedOnError(Rule):
     CODE = "CG102"
     NAME = "resource-not-released-on-error"
     MESSAGE = ('{resource} created here is not closed if an exception or cancellation interrupts '
-               'before the close; {advice}, or close it in "finally"')
+               'before the close; {advice}')
 
     def check(self, fate) -> None:
         if fate.owner != "function" or fate.leak_normal or not fate.leak_exception:
             return
         if is_pool_like(fate) or fate.unawaited is not None or not fate.released:
             return
-        self.report(fate.node, resource=fate.spec.name, advice=advice(fate))
+        text = advice(fate)
+        if text.startswith('use "'):
+            text += ', or close it in "finally"'
+        self.report(fate.node, resource=fate.spec.name, advice=text)
 
     VALID = [
         PRELUDE + """
