@@ -203,6 +203,11 @@ def main() -> int:
         checked_total = statistics.median(run["span"] for run in checked_runs)
         added_ms = (checked_median - plain_median) * 1000
         ratio = checked_total / plain_total
+        rounds = ", ".join(
+            f"{statistics.median(p['times']) * 1000:.3f}/{statistics.median(c['times']) * 1000:.3f}"
+            for p, c in zip(plain_runs, checked_runs)
+        )
+        print(f"[{work}] per-round median ms without/with: {rounds}")
         print(f"[{work}] median per test: without {plain_median * 1000:.3f} ms, "
               f"with --leak-check {checked_median * 1000:.3f} ms")
         print(f"[{work}] median added time per clean test: {added_ms:.3f} ms (goal <= 0.3 ms) "

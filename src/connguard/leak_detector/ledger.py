@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from types import CodeType
 from typing import Any
 
-# One frame of an acquisition stack: the code object and the line being executed.
+# One frame of an acquisition stack: the code object and the offset of its current instruction.
 Frame = tuple[CodeType, int]
 
 _MAX_FRAMES = 48
@@ -130,20 +130,41 @@ class Physical:
     closed: bool = False
 
 
+def _stop_codes() -> frozenset[CodeType]:
+    """Frames past which no user code can lie: the event loop's callback runner, pluggy."""
+    codes = {asyncio.events.Handle._run.__code__}
+    try:
+        from pluggy import _callers
+
+        codes.add(_callers._multicall.__code__)
+    except (ImportError, AttributeError):
+        pass
+    return frozenset(codes)
+
+
+_STOP = _stop_codes()
+
+
 def capture_frames(skip: int = 1) -> list[Frame]:
-    """The caller's stack as (code, line) pairs, continued through parent greenlets.
+    """The caller's stack as (code, instruction offset) pairs, continued through parent greenlets.
 
     SQLAlchemy's asyncio layer runs the sync pool code inside a greenlet whose stack ends at
     the greenlet's start; the user's coroutine frames are in the parent greenlet, suspended
-    in its switch().
+    in its switch(). The walk stops at the event loop or pluggy, and keeps the instruction
+    offset rather than the line: computing f_lineno scans a line table, which on pytest's
+    large functions costs more than the whole walk.
     """
     frames: list[Frame] = []
     append = frames.append
+    stop = _STOP
     f = _getframe(skip + 1)
     glet = None
     while True:
         while f is not None:
-            append((f.f_code, f.f_lineno))
+            code = f.f_code
+            if code in stop:
+                return frames
+            append((code, f.f_lasti))
             if len(frames) >= _MAX_FRAMES:
                 return frames
             f = f.f_back
@@ -154,6 +175,14 @@ def capture_frames(skip: int = 1) -> list[Frame]:
         if glet is None:
             return frames
         f = glet.gr_frame
+
+
+def line_of(code: CodeType, offset: int) -> int:
+    """The source line of the instruction at `offset` (what f_lineno would have said)."""
+    for start, end, line in code.co_lines():
+        if start <= offset < end and line is not None:
+            return line
+    return code.co_firstlineno
 
 
 # -- which frames belong to the user
@@ -201,8 +230,8 @@ def is_library_file(filename: str) -> bool:
 def user_frames(frames: list[Frame] | None) -> list[tuple[str, int, str]]:
     """(filename, line, function) of the frames outside libraries, innermost first."""
     return [
-        (code.co_filename, lineno, code.co_name)
-        for code, lineno in frames or ()
+        (code.co_filename, line_of(code, offset), code.co_name)
+        for code, offset in frames or ()
         if not is_library_file(code.co_filename)
     ]
 
