@@ -859,6 +859,23 @@ async def seed(db=None):
         if db is None:
             await db_session.close()
 """,
+    "session-bound-to-outer-connection": """
+import pytest
+from sqlalchemy.orm import Session
+
+@pytest.fixture
+def session(engine):
+    connection = engine.connect()
+    transaction = connection.begin()
+    session = Session(bind=connection, expire_on_commit=False)
+    savepoint = connection.begin_nested()
+    try:
+        yield session
+    finally:
+        session.close()
+        transaction.rollback()
+        connection.close()
+""",
     "global-pool": """
 import asyncpg
 

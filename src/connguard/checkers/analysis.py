@@ -1731,6 +1731,8 @@ class FunctionAnalysis:
                       bound: dict[str, int]) -> None:
         if self.expect_failure:
             return
+        if spec.kind == "session" and _bound_to_connection(node):
+            return  # joins an outer connection's transaction; that connection holds the resource
         rid = self._rid(node, spec, use)
         fate = self.fates[rid]
         if path.status.get(rid) == OPEN:
@@ -2201,6 +2203,19 @@ class FunctionAnalysis:
             self.expect_failure -= expects
         flow.absorb(body)
         return flow
+
+
+def _bound_to_connection(call: cst.CSTNode) -> bool:
+    """`Session(bind=connection)`: the test-isolation recipe. Such a session holds no pooled
+    connection of its own; whoever owns `connection` owns the resource."""
+    if type(call) is not cst.Call:
+        return False
+    for index, arg in enumerate(call.args):
+        if (arg.keyword is not None and arg.keyword.value == "bind") or (arg.keyword is None and index == 0 and not arg.star):
+            name = _last_name(arg.value)
+            if "conn" in name.lower():
+                return True
+    return False
 
 
 _HARMLESS_METHODS = frozenset({
