@@ -876,6 +876,29 @@ def session(engine):
         transaction.rollback()
         connection.close()
 """,
+    "engine-behind-local-maker": """
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+async def script(url):
+    engine = create_async_engine(url)  # CG107
+    maker = async_sessionmaker(engine)
+    async with maker() as session:
+        await session.execute("select 1")
+
+async def disposed(url):
+    engine = create_async_engine(url)
+    maker = async_sessionmaker(engine)
+    try:
+        async with maker() as session:
+            await session.execute("select 1")
+    finally:
+        await engine.dispose()
+
+def handed_over(url):
+    engine = create_async_engine(url)
+    maker = async_sessionmaker(engine)
+    return maker
+""",
     "global-pool": """
 import asyncpg
 

@@ -1591,7 +1591,12 @@ class FunctionAnalysis:
         if ex.is_release_helper(callee):
             return "release", None
         outer = use.outer
-        if ex.is_constructor_name(callee):
+        if not method and type(use.node) is cst.Call and outer is not None and outer.kind == "bind":
+            made = self.m.callee_binding(use.node.func, self.info)
+            if made is not None and made.call is not None and made.call.kind == "maker":
+                # `maker = async_sessionmaker(engine)`: the maker uses the engine but never
+                # disposes it; follow the maker as an alias of the engine.
+                return "bind", outer.targets
             # `repo = Repository(session)`: the wrapper holds it; follow the wrapper as an alias
             # (returning, storing or closing the wrapper settles the resource too).
             if outer is not None and outer.kind == "bind" and not use.awaited and outer.targets:
