@@ -45,6 +45,17 @@ ALLOW_MARKER = "allow_connection_leak"
 _PROPERTY = "connguard_leak_check"
 
 
+def _check_markers(item: pytest.Item) -> None:
+    settings.check_marker(item)
+    for marker in item.iter_markers(ALLOW_MARKER):
+        reason = marker.kwargs.get("reason", marker.args[0] if marker.args else None)
+        if not isinstance(reason, str) or not reason.strip():
+            raise pytest.UsageError(
+                f"@pytest.mark.{ALLOW_MARKER} on {item.nodeid} needs a reason: "
+                f'@pytest.mark.{ALLOW_MARKER}(reason="why this test keeps a connection")'
+            )
+
+
 class ConnectionLeakWarning(pytest.PytestWarning):
     """A leak or finding reported without failing the test (mode warn or a warning category)."""
 
@@ -65,6 +76,7 @@ class LeakDetector:
         self._task_held: list[Record] = []
         self._wide: dict[Any, Owner] = {}
         self._before: dict[int, Backend] = {}
+        self._usage_errors: dict[str, str] = {}
         self.ledger: Ledger | None = None
         self.observer: Observer | None = None
         if database is None:  # the xdist controller runs no tests: it only summarizes
@@ -86,15 +98,16 @@ class LeakDetector:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        worker = hasattr(self.config, "workerinput")
         for item in items:
-            settings.check_marker(item)
-            for marker in item.iter_markers(ALLOW_MARKER):
-                reason = marker.kwargs.get("reason", marker.args[0] if marker.args else None)
-                if not isinstance(reason, str) or not reason.strip():
-                    raise pytest.UsageError(
-                        f"@pytest.mark.{ALLOW_MARKER} on {item.nodeid} needs a reason: "
-                        f'@pytest.mark.{ALLOW_MARKER}(reason="why this test keeps a connection")'
-                    )
+            try:
+                _check_markers(item)
+            except pytest.UsageError as error:
+                if not worker:
+                    raise
+                # A usage error raised in an xdist worker crashes it with an internal error;
+                # failing the test's setup with the same line is what the user can read.
+                self._usage_errors[item.nodeid] = str(error)
 
     # -- per test
 
@@ -102,7 +115,11 @@ class LeakDetector:
     def pytest_runtest_setup(self, item: pytest.Item):
         if self.ledger is not None:
             self._begin(item)
-        yield
+        outcome = yield
+        usage_error = self._usage_errors.get(item.nodeid)
+        if usage_error is not None:
+            outcome.force_exception(pytest.fail.Exception(f"usage error: {usage_error}",
+                                                          pytrace=False))
 
     def _begin(self, item: pytest.Item) -> None:
         self._item = item

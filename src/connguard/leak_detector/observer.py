@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-# Only client backends of our database; our own connection is excluded by pid. Other xdist
-# workers use their own database, so the datname filter already keeps them out.
+# Only client backends of our database (and of the per-test clones named after it, with
+# --leak-check-db-per-test); our own connection is excluded by pid. Other xdist workers use
+# their own database, so the datname filter already keeps them out.
 _QUERY = (
     b"SELECT pid, state, backend_start::text, client_port, query, application_name "
     b"FROM pg_stat_activity "
-    b"WHERE datname = $1 AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    b"WHERE (datname = $1 OR starts_with(datname, $1 || '_t')) "
+    b"AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
 )
 _STATEMENT = b"connguard_snapshot"
 
