@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from functools import cache
 from pathlib import Path
@@ -169,9 +170,11 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT, 0, 0, 0)
 
 
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
+def _chown_tree(root: Path, uid: int, gid: int, skip: str = "pristine") -> None:
     os.chown(root, uid, gid)
     for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root) and skip in dirnames:
+            dirnames.remove(skip)  # the cache writer's copy: only root reads it
         for name in dirnames + filenames:
             os.lchown(os.path.join(dirpath, name), uid, gid)
 
@@ -189,6 +192,7 @@ class LocalProvider:
         self.process: subprocess.Popen | None = None
         self._record: Path | None = None
         self.cache_hit: bool | None = None
+        self._cache_writer: threading.Thread | None = None
 
     def unavailable_reason(self) -> str | None:
         if self._bindir is not None and not _has_server(self._bindir):
@@ -259,7 +263,14 @@ class LocalProvider:
             os.chown(self.root, account.pw_uid, account.pw_gid)
         self._run_initdb(bindir, data, account)
         if self.use_cache:
-            self._store_in_cache(data, cached)
+            # Writing the cache to disk is slow; copy the pristine cluster within RAM now (the
+            # server is about to change `data`) and let a thread store it while tests run.
+            pristine = self.root / "pristine"
+            shutil.copytree(data, pristine, symlinks=True)
+            self._cache_writer = threading.Thread(
+                target=self._store_in_cache, args=(pristine, cached), daemon=True
+            )
+            self._cache_writer.start()
 
     def _run_initdb(self, bindir: Path, data: Path, account: pwd.struct_passwd | None) -> None:
         try:
@@ -293,6 +304,7 @@ class LocalProvider:
             except OSError:
                 pass  # another run stored it first
             shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(data, ignore_errors=True)
 
     # -- the postmaster
 
@@ -359,6 +371,9 @@ class LocalProvider:
         return "no log output"
 
     def stop(self) -> None:
+        if self._cache_writer is not None:
+            self._cache_writer.join(timeout=60)
+            self._cache_writer = None
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGINT)  # fast shutdown: disconnect clients, exit
