@@ -155,6 +155,8 @@ def format_outcome(outcome: Outcome, root: str | None = None) -> str:
         noun = "connection" if count == 1 else "connections"
         who = outcome.owner if outcome.owner != outcome.nodeid else outcome.nodeid.split("::")[-1]
         lines.append(f"connguard: {who} leaked {count} database {noun}")
+        if outcome.surfaced_later:
+            lines.append("  (found while this later test ran; blamed on the test that opened it)")
         if outcome.allowed is not None:
             lines.append(f"  (allowed: {outcome.allowed})")
         for number, leak in enumerate(outcome.leaks, 1):
