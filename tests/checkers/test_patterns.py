@@ -899,6 +899,32 @@ def handed_over(url):
     maker = async_sessionmaker(engine)
     return maker
 """,
+    "close-all-sessions": PRE + """
+from sqlalchemy.ext.asyncio import close_all_sessions
+
+async def test_close_all():
+    s1 = AsyncSession(engine)
+    s2 = AsyncSession(engine)
+    await close_all_sessions()
+""",
+    "expect-raises-helper": """
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.testing import expect_raises_message
+
+def test_bad_option(url):
+    with expect_raises_message(ValueError, "bad"):
+        create_async_engine(url, bad=True)
+""",
+    "raw-connection": """
+from sqlalchemy import create_engine
+
+engine = create_engine("postgresql://localhost/app")
+
+def copy_rows():
+    conn = engine.raw_connection()  # CG101
+    cursor = conn.cursor()
+    cursor.execute("select 1")
+""",
     "global-pool": """
 import asyncpg
 

@@ -1496,6 +1496,8 @@ class FunctionAnalysis:
             callee = _last_name(func)
             if type(func) is not cst.Name:
                 self.neutral(func)
+            if ex.is_release_all(callee) and not call.args:
+                self._ev.append(("release-all", callee))
             if callee == "anext" and call.args:
                 inner = call.args[0].value
                 if type(inner) is cst.Call and self.m.resource_generator(inner.func) is not None:
@@ -1682,6 +1684,10 @@ class FunctionAnalysis:
                 if exc_mode:
                     continue
                 self._unbind(path, event[1], overwritten=False)
+            elif tag == "release-all":
+                for rid, status in list(path.status.items()):
+                    if status == OPEN and self.specs[rid].kind == "session":
+                        self._release(path, rid)
             elif tag == "registry":
                 for rid, status in list(path.status.items()):
                     if status == OPEN and self.specs[rid].scoped:

@@ -91,7 +91,14 @@ def is_fixture_decorator(last_name: str) -> bool:
 def is_expected_failure(callee: str) -> bool:
     """`with pytest.raises(...)`, `self.assertRaises(...)`, `pytest.warns(...)`: the code inside is
     meant to fail (or to warn about a leak); a resource it creates is the point of the test."""
-    return callee in ("raises", "warns", "RaisesGroup") or callee.startswith(("assertRaises", "assertWarns"))
+    return callee in ("raises", "warns", "RaisesGroup") or callee.startswith(
+        ("assertRaises", "assertWarns", "assert_raises", "expect_raises", "expect_warnings")
+    )
+
+
+def is_release_all(callee: str) -> bool:
+    """`close_all_sessions()`, `Session.close_all()`: closes every session there is."""
+    return "close_all" in callee
 
 
 def is_shielding_with(item_text: str) -> bool:

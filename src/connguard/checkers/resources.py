@@ -51,7 +51,7 @@ class ResourceSpec:
 # ---------------------------------------------------------------- SQLAlchemy asyncio
 ASYNC_SESSION = ResourceSpec(
     "AsyncSession", "session", True, release_async=("close", "aclose", "invalidate"),
-    async_cm=True, mistaken_release=("begin", "commit", "rollback", "flush"),
+    async_cm=True, mistaken_release=("begin", "commit", "rollback"),
 )
 ASYNC_SCOPED_SESSION = replace(ASYNC_SESSION, release_on_source=("remove",), scoped=True)
 ASYNC_CONNECTION = ResourceSpec(
@@ -73,7 +73,7 @@ ASYNC_ENGINE = ResourceSpec(
 # ---------------------------------------------------------------- SQLAlchemy sync
 SESSION = ResourceSpec(
     "Session", "session", False, release_sync=("close", "invalidate"), sync_cm=True,
-    mistaken_release=("begin", "commit", "rollback", "flush"), safe_form='use "with {call} as {var}:"',
+    mistaken_release=("begin", "commit", "rollback"), safe_form='use "with {call} as {var}:"',
 )
 SCOPED_SESSION = replace(SESSION, release_on_source=("remove",), scoped=True)
 CONNECTION = ResourceSpec(
@@ -87,8 +87,12 @@ SESSIONMAKER = ResourceSpec(
 SCOPED_REGISTRY = ResourceSpec("scoped_session", "maker", False, managed=False, call=SCOPED_SESSION)
 # A sync engine is a source, not a resource we require disposing: its pooled connections are
 # returned when the process ends and scripts rarely dispose it; async engines are different.
+RAW_CONNECTION = ResourceSpec(
+    "DBAPI connection", "connection", False, release_sync=("close", "invalidate", "detach"),
+    var="conn", safe_form='close it in a finally block: "{var}.close()"',
+)
 ENGINE = ResourceSpec(
-    "Engine", "engine", False, managed=False, methods=(("connect", CONNECTION), ("raw_connection", CONNECTION)),
+    "Engine", "engine", False, managed=False, methods=(("connect", CONNECTION), ("raw_connection", RAW_CONNECTION)),
     cm_methods=("begin", "connect"), var="engine",
 )
 

@@ -45,8 +45,7 @@ class EngineNotDisposed(Rule):
             return
         problem = fate.reason or "never closed"
         if fate.spec.kind == "engine":
-            problem = (problem.replace("never closed", "never disposed")
-                       .replace("not closed", "not disposed").replace("it is closed", "it is disposed"))
+            problem = problem.replace("closed", "disposed")
         self.report(fate.node, resource=fate.spec.name, problem=problem, advice=advice(fate))
 
     VALID = [
