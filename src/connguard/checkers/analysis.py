@@ -1395,8 +1395,6 @@ class FunctionAnalysis:
             self.value(node.expression, use.with_await())
             return
         if t is cst.Call:
-            if not _harmless(node):
-                self._raises = True
             self._call(node, use)
             return
         if t is cst.BooleanOperation:
@@ -1467,6 +1465,9 @@ class FunctionAnalysis:
     def _call(self, call: cst.Call, use: Use) -> None:
         func = call.func
         spec = self.m._creation_spec(call, self.info)
+        if not _harmless(call) and not (spec is not None and not spec.awaited and not use.awaited):
+            # Constructing a session (no I/O) is not where an exception strands another one.
+            self._raises = True
         if spec is not None and (use.awaited or not spec.awaited or use.kind == "with"):
             self._ev.append(("create", call, spec, use))
             for arg in call.args:
