@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-CONFTEST = '''
+CONFTEST = """
 import json, os, time
 import pytest
 import pytest_asyncio
@@ -61,12 +61,12 @@ def pytest_runtest_logfinish(nodeid, location):
 def pytest_sessionfinish(session):
     with open(os.environ["BENCH_TIMES"], "w") as f:
         json.dump({"times": _times, "span": _span[1] - _span[0]}, f)
-'''
+"""
 
 # "light": the least a test can do with the database (one pooled session, one query).
 # "typical": the shape of a CRUD test: a transaction that writes, reads back and rolls back.
 TESTS = {
-    "light": '''
+    "light": """
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -74,8 +74,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 async def test_query_{n}(engine):
     async with AsyncSession(engine) as session:
         assert (await session.execute(text("select {n}"))).scalar() == {n}
-''',
-    "typical": '''
+""",
+    "typical": """
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -87,9 +87,8 @@ async def test_crud_{n}(engine):
                                       {{"name": "a{n}"}})
         assert found.scalar() == 1
         await session.rollback()
-''',
+""",
 }
-
 
 
 INI = """[pytest]
@@ -133,8 +132,9 @@ def false_positives(runs: int) -> int:
     bad = 0
     try:
         with tempfile.TemporaryDirectory(prefix="fp-leak-") as tmp:
-            project = write_project(Path(tmp), INI_AUTO_SESSION, conftest=CLEAN_CONFTEST,
-                                    test_clean=TEST_CLEAN)
+            project = write_project(
+                Path(tmp), INI_AUTO_SESSION, conftest=CLEAN_CONFTEST, test_clean=TEST_CLEAN
+            )
             for label, extra in (("serial", ()), ("-n 2", ("-p", "xdist", "-n", "2"))):
                 reported = 0
                 for number in range(runs):
@@ -143,10 +143,14 @@ def false_positives(runs: int) -> int:
                     results = json.loads(report.read_text())["results"] if report.exists() else None
                     if result.returncode != 0 or results != []:
                         reported += 1
-                        print(f"run {number + 1} ({label}) reported: rc={result.returncode}\n"
-                              + result.stdout[-2000:])
-                print(f"clean suite, {label}: {runs} runs, {reported} with any failure or "
-                      f"leak report (goal 0)")
+                        print(
+                            f"run {number + 1} ({label}) reported: rc={result.returncode}\n"
+                            + result.stdout[-2000:]
+                        )
+                print(
+                    f"clean suite, {label}: {runs} runs, {reported} with any failure or "
+                    f"leak report (goal 0)"
+                )
                 bad += reported
     finally:
         provider.stop()
@@ -172,11 +176,18 @@ def main() -> int:
     base_db = "bench_baseline"
     try:
         create_database(server.url, base_db)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("CONNGUARD_", "PYTEST_", "DATABASE_URL"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CONNGUARD_", "PYTEST_", "DATABASE_URL"))
+        }
         baseline_env = {**env, "DATABASE_URL": with_database(server.url, base_db)}
-        checked_args = ["--leak-check", "--leak-check-db=url", f"--leak-check-db-url={server.url}",
-                        "--leak-check-url-env=DATABASE_URL"]
+        checked_args = [
+            "--leak-check",
+            "--leak-check-db=url",
+            f"--leak-check-db-url={server.url}",
+            "--leak-check-url-env=DATABASE_URL",
+        ]
         runs: dict[str, tuple[list[dict], list[dict]]] = {}
         for work in options.work:
             with tempfile.TemporaryDirectory(prefix="bench-leak-") as tmp:
@@ -192,8 +203,10 @@ def main() -> int:
     finally:
         provider.stop()
 
-    print(f"{options.tests} generated tests, {options.rounds} rounds each way, alternating, "
-          f"PostgreSQL {server.version} (local backend), load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"{options.tests} generated tests, {options.rounds} rounds each way, alternating, "
+        f"PostgreSQL {server.version} (local backend), load average {os.getloadavg()[0]:.2f}"
+    )
     for work, (plain_runs, checked_runs) in runs.items():
         plain_median = statistics.median(t for run in plain_runs for t in run["times"])
         checked_median = statistics.median(t for run in checked_runs for t in run["times"])
@@ -205,15 +218,21 @@ def main() -> int:
         ratio = checked_total / plain_total
         rounds = ", ".join(
             f"{statistics.median(p['times']) * 1000:.3f}/{statistics.median(c['times']) * 1000:.3f}"
-            for p, c in zip(plain_runs, checked_runs)
+            for p, c in zip(plain_runs, checked_runs, strict=True)
         )
         print(f"[{work}] per-round median ms without/with: {rounds}")
-        print(f"[{work}] median per test: without {plain_median * 1000:.3f} ms, "
-              f"with --leak-check {checked_median * 1000:.3f} ms")
-        print(f"[{work}] median added time per clean test: {added_ms:.3f} ms (goal <= 0.3 ms) "
-              f"{'OK' if added_ms <= 0.3 else 'OVER'}")
-        print(f"[{work}] whole suite: without {plain_total:.3f} s, with {checked_total:.3f} s, "
-              f"ratio {ratio:.3f} (goal <= 1.05) {'OK' if ratio <= 1.05 else 'OVER'}")
+        print(
+            f"[{work}] median per test: without {plain_median * 1000:.3f} ms, "
+            f"with --leak-check {checked_median * 1000:.3f} ms"
+        )
+        print(
+            f"[{work}] median added time per clean test: {added_ms:.3f} ms (goal <= 0.3 ms) "
+            f"{'OK' if added_ms <= 0.3 else 'OVER'}"
+        )
+        print(
+            f"[{work}] whole suite: without {plain_total:.3f} s, with {checked_total:.3f} s, "
+            f"ratio {ratio:.3f} (goal <= 1.05) {'OK' if ratio <= 1.05 else 'OVER'}"
+        )
     return 0
 
 

@@ -28,7 +28,7 @@ asyncio_default_test_loop_scope = function
 leak_check_url_env = DATABASE_URL
 """
 
-CONFTEST = '''
+CONFTEST = """
 import os
 
 import asyncpg
@@ -73,10 +73,10 @@ async def session_conn():
     conn = await asyncpg.connect(URL)
     yield conn
     await conn.close()
-'''
+"""
 
 # Each test leaks exactly what its name says, on the line marked LEAK.
-TEST_LEAKY = '''
+TEST_LEAKY = """
 import asyncio
 import gc
 
@@ -218,10 +218,10 @@ async def test_timeout_path(engine):
             await session.close()
     except TimeoutError:
         pass
-'''
+"""
 
 # The clean counterparts: none of these may fail.
-TEST_CLEAN = '''
+TEST_CLEAN = """
 import asyncio
 
 import asyncpg
@@ -330,10 +330,10 @@ def test_sync_psycopg_pool():
     with ConnectionPool(URL, min_size=1, max_size=2, open=True) as pool:
         with pool.connection() as conn:
             conn.execute("select 1")
-'''
+"""
 
 # pytest-asyncio strict mode with a loop per test: the fixtures here are function-scoped.
-TEST_FUNCTION_LOOP = '''
+TEST_FUNCTION_LOOP = """
 import asyncio
 import os
 
@@ -392,7 +392,7 @@ async def test_fl_clean_raw():
         await conn.execute("select 1")
     finally:
         await conn.close()
-'''
+"""
 
 
 def leak_lines(source: str) -> dict[str, list[int]]:
@@ -429,8 +429,9 @@ def run(project: Path, server_url: str, *args: str, timeout: float = 180):
         sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--leak-check",
         "--leak-check-db=url", f"--leak-check-db-url={server_url}", *args,
     ]  # fmt: skip
-    return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def load_report(path: Path) -> dict:

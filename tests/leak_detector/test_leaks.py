@@ -83,8 +83,9 @@ def test_every_leak_fails_its_test_and_names_the_opening_line(leaky_run):
         outcome = results[key]
         assert outcome["fails"], owner
         assert sorted(leak["kind"] for leak in outcome["leaks"]) == sorted(kinds), owner
-        opened = [(leak["opened_at"]["path"], leak["opened_at"]["line"])
-                  for leak in outcome["leaks"]]
+        opened = [
+            (leak["opened_at"]["path"], leak["opened_at"]["line"]) for leak in outcome["leaks"]
+        ]
         assert sorted(line for _, line in opened) == sorted(expected_lines), owner
         assert all(path.endswith(expected_file) for path, _ in opened), owner
         for _path, line in opened:
@@ -120,8 +121,11 @@ def test_report_shows_state_query_and_source_line(leaky_run):
 def test_gc_and_task_leaks_are_explained(leaky_run):
     _, result, report = leaky_run
     results = results_by_owner(report)
-    for name in ("test_gc_reclaimed_session", "test_close_skipped_by_exception",
-                 "test_timeout_path"):
+    for name in (
+        "test_gc_reclaimed_session",
+        "test_close_skipped_by_exception",
+        "test_timeout_path",
+    ):
         note = results[name]["leaks"][0]["note"]
         assert "garbage collector" in note, name
     task_leak = results["test_background_task"]["leaks"][0]
@@ -189,15 +193,18 @@ def test_function_loop_strict_mode(server_url, tmp_path):
     result = run(project, server_url, "--leak-check-report=report.json")
     out = result.stdout
     results = results_by_owner(load_report(project / "report.json"))
-    assert sorted(results) == ["test_fl_asyncpg_leak", "test_fl_background_task",
-                               "test_fl_session_leak"], out
+    assert sorted(results) == [
+        "test_fl_asyncpg_leak",
+        "test_fl_background_task",
+        "test_fl_session_leak",
+    ], out
     for name, (line,) in leak_lines(TEST_FUNCTION_LOOP).items():
         assert f"ERROR at teardown of {name}" in out
         assert results[name]["leaks"][0]["opened_at"]["line"] == line
     assert "5 passed" in out and "3 errors" in out, out
 
 
-OPTIONS_TESTS = '''
+OPTIONS_TESTS = """
 import os
 import asyncio
 import asyncpg
@@ -236,13 +243,18 @@ async def test_pool_peak():
 async def test_warn_only():
     conn = await asyncpg.connect(URL)
     await conn.execute("select 1")
-'''
+"""
 
 
 def test_fail_on_threshold_allow_and_warn_mode(server_url, tmp_path):
     project = write_project(tmp_path, INI_AUTO_SESSION, test_options=OPTIONS_TESTS)
-    result = run(project, server_url, "--leak-check-fail-on=engine,pool-threshold",
-                 "--leak-check-report=report.json", "-rA")
+    result = run(
+        project,
+        server_url,
+        "--leak-check-fail-on=engine,pool-threshold",
+        "--leak-check-report=report.json",
+        "-rA",
+    )
     out = result.stdout
     results = results_by_owner(load_report(project / "report.json"))
     assert results["test_allowed"]["allowed"] == "kept open on purpose"
@@ -261,13 +273,17 @@ def test_fail_on_threshold_allow_and_warn_mode(server_url, tmp_path):
 
 
 def test_allow_marker_without_reason_is_a_usage_error(server_url, tmp_path):
-    project = write_project(tmp_path, INI_AUTO_SESSION, test_bad="""
+    project = write_project(
+        tmp_path,
+        INI_AUTO_SESSION,
+        test_bad="""
 import pytest
 
 @pytest.mark.allow_connection_leak
 def test_x():
     pass
-""")
+""",
+    )
     result = run(project, server_url)
     assert result.returncode == 4, result.stdout + result.stderr
     assert "allow_connection_leak on test_bad.py::test_x needs a reason" in result.stderr

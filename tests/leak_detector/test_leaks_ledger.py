@@ -80,9 +80,14 @@ def test_install_wraps_and_uninstall_restores():
     from sqlalchemy import event
     from sqlalchemy.pool import Pool
 
-    originals = (asyncpg.connect, asyncpg.create_pool, psycopg.connect,
-                 psycopg.AsyncConnection.__dict__["connect"],
-                 psycopg_pool.ConnectionPool.__dict__["getconn"], Pool.__dict__["__init__"])
+    originals = (
+        asyncpg.connect,
+        asyncpg.create_pool,
+        psycopg.connect,
+        psycopg.AsyncConnection.__dict__["connect"],
+        psycopg_pool.ConnectionPool.__dict__["getconn"],
+        Pool.__dict__["__init__"],
+    )
     ledger = Ledger(lambda: None)
     ledger.install()
     try:
@@ -93,10 +98,14 @@ def test_install_wraps_and_uninstall_restores():
         assert event.contains(Pool, "close_detached", ledger._sa_close_detached)
     finally:
         ledger.uninstall()
-    assert (asyncpg.connect, asyncpg.create_pool, psycopg.connect,
-            psycopg.AsyncConnection.__dict__["connect"],
-            psycopg_pool.ConnectionPool.__dict__["getconn"],
-            Pool.__dict__["__init__"]) == originals
+    assert (
+        asyncpg.connect,
+        asyncpg.create_pool,
+        psycopg.connect,
+        psycopg.AsyncConnection.__dict__["connect"],
+        psycopg_pool.ConnectionPool.__dict__["getconn"],
+        Pool.__dict__["__init__"],
+    ) == originals
     assert not event.contains(Pool, "checkout", ledger._sa_checkout)
 
 

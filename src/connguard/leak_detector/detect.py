@@ -118,8 +118,9 @@ class LeakDetector:
         outcome = yield
         usage_error = self._usage_errors.get(item.nodeid)
         if usage_error is not None:
-            outcome.force_exception(pytest.fail.Exception(f"usage error: {usage_error}",
-                                                          pytrace=False))
+            outcome.force_exception(
+                pytest.fail.Exception(f"usage error: {usage_error}", pytrace=False)
+            )
 
     def _begin(self, item: pytest.Item) -> None:
         self._item = item
@@ -455,8 +456,10 @@ class LeakDetector:
             return
         terminalreporter.section("connguard leak check")
         if broken:
-            terminalreporter.line(f"the server observer stopped ({broken}); "
-                                  f"later tests were checked by the client ledger alone")
+            terminalreporter.line(
+                f"the server observer stopped ({broken}); "
+                f"later tests were checked by the client ledger alone"
+            )
         for line in format_summary(self.outcomes, self.root):
             terminalreporter.line(line)
 
@@ -472,11 +475,11 @@ class LeakDetector:
             self.outcomes,
             {
                 "tests_with_leaks": sorted(
-                {o["owner"] for o in self.outcomes if o["leaks"] and "::" in o["owner"]}
-            ),
-            "fixtures_with_leaks": sorted(
-                {o["owner"] for o in self.outcomes if o["leaks"] and "::" not in o["owner"]}
-            ),
+                    {o["owner"] for o in self.outcomes if o["leaks"] and "::" in o["owner"]}
+                ),
+                "fixtures_with_leaks": sorted(
+                    {o["owner"] for o in self.outcomes if o["leaks"] and "::" not in o["owner"]}
+                ),
             },
         )
 

@@ -205,6 +205,14 @@ _LIBRARY_PACKAGES = (
     "concurrent",
     "threading",
     "contextlib",
+    # web frameworks and HTTP clients that carry a request to the user's handler
+    "starlette",
+    "fastapi",
+    "httpx",
+    "httpcore",
+    "sniffio",
+    "uvicorn",
+    "h11",
 )
 _STDLIB = sysconfig.get_paths().get("stdlib", "") or "\0"
 # Console scripts (.venv/bin/pytest) and the interpreter's own tree are never the user's code.
@@ -390,8 +398,9 @@ class Ledger:
     def _sa_pool_created(self, pool: Any) -> None:
         # Called at the end of Pool.__init__, before a QueuePool has set its size: the
         # capacity is read at the first checkout.
-        info = PoolInfo("SQLAlchemy engine", self.owner(), capture_frames(2), weakref.ref(pool),
-                        capacity=-1)
+        info = PoolInfo(
+            "SQLAlchemy engine", self.owner(), capture_frames(2), weakref.ref(pool), capacity=-1
+        )
         self._sa_pools[id(pool)] = info
         self.pools.append(info)
 

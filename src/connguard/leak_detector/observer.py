@@ -58,8 +58,10 @@ class Observer:
         self._dbname = dbname.encode()
         prepared = self._pgconn.prepare(_STATEMENT, _QUERY)
         if prepared.error_message:
-            raise ObserverError(f"cannot prepare the observer query: "
-                                f"{prepared.error_message.decode(errors='replace').strip()}")
+            raise ObserverError(
+                f"cannot prepare the observer query: "
+                f"{prepared.error_message.decode(errors='replace').strip()}"
+            )
 
     def snapshot(self) -> dict[int, Backend]:
         """The client backends now; empty from the first failure on (see `broken`)."""
@@ -74,9 +76,12 @@ class Observer:
             for row in range(result.ntuples):
                 pid = int(value(row, 0))
                 found[pid] = Backend(
-                    pid, _text(value(row, 1)), _text(value(row, 2)),
+                    pid,
+                    _text(value(row, 1)),
+                    _text(value(row, 2)),
                     int(value(row, 3)) if value(row, 3) is not None else None,
-                    _text(value(row, 4)), _text(value(row, 5)),
+                    _text(value(row, 4)),
+                    _text(value(row, 5)),
                 )
         except Exception as error:  # the server went away: the ledger still decides alone
             self.broken = f"{type(error).__name__}: {error}".strip()

@@ -90,8 +90,17 @@ def locate(record: Record) -> tuple[Location | None, Location | None, list[Locat
         created = [location(*frame) for frame in user_frames(record.created_frames)]
         if created:
             opened = created[0]
-            return opened, checked_out if checked_out != opened else None, created[1:4]
-    return checked_out, None, chain[1:4]
+            return opened, checked_out if checked_out != opened else None, _callers(created)
+    return checked_out, None, _callers(chain)
+
+
+def _callers(chain: list[Location]) -> list[Location]:
+    """Up to three outer frames of the project's own code (installed packages left out)."""
+    return [where for where in chain[1:] if not _installed(where.path)][:3]
+
+
+def _installed(path: str) -> bool:
+    return "/site-packages/" in path or "/dist-packages/" in path
 
 
 class StaticCheck:
