@@ -77,6 +77,7 @@ class LeakDetector:
         self._wide: dict[Any, Owner] = {}
         self._before: dict[int, Backend] = {}
         self._usage_errors: dict[str, str] = {}
+        self._marked = False
         self.ledger: Ledger | None = None
         self.observer: Observer | None = None
         if database is None:  # the xdist controller runs no tests: it only summarizes
@@ -122,7 +123,12 @@ class LeakDetector:
                 pytest.fail.Exception(f"usage error: {usage_error}", pytrace=False)
             )
 
+    def _setting(self, name: str, item: pytest.Item | None) -> Any:
+        # Only a test with @pytest.mark.leak_check needs the per-test resolution.
+        return settings.resolve(self.config, name, item if self._marked else None)
+
     def _begin(self, item: pytest.Item) -> None:
+        self._marked = next(item.iter_markers(settings.MARKER), None) is not None
         self._item = item
         self._test_owner = Owner("test", item.nodeid, "function", item.nodeid)
         self._global_owner = self._test_owner
@@ -278,19 +284,22 @@ class LeakDetector:
             snapshot = self.observer.snapshot()
 
         warnings_: list[Warning_] = []
-        fail_on = settings.resolve(self.config, "leak_check_fail_on", item)
         for info in pools:
             if info.undisposed():
                 info.reported = True
-                warnings_.append(self._pool_warning(info, fail_on))
+                warnings_.append(self._pool_warning(info))
         if test_level:
-            warnings_ += self._threshold_warnings(item, fail_on)
+            warnings_ += self._threshold_warnings(item)
         if snapshot is not None:
-            warnings_ += self._idle_in_transaction(snapshot, leaked, fail_on)
+            warnings_ += self._idle_in_transaction(snapshot, leaked)
         self._prune_pools()
 
         if not leaked and not unexplained and not warnings_:
             return None
+        if warnings_:
+            fail_on = self._setting("leak_check_fail_on", item)
+            for warning in warnings_:
+                warning.fails = warning.category in fail_on
         outcome = Outcome(owner=label, nodeid=nodeid)
         if item is not None:
             for marker in item.iter_markers(ALLOW_MARKER):
@@ -348,7 +357,7 @@ class LeakDetector:
         leak.static_check = self._static.verdict(opened)
         return leak
 
-    def _pool_warning(self, info: PoolInfo, fail_on: frozenset[str]) -> Warning_:
+    def _pool_warning(self, info: PoolInfo) -> Warning_:
         frames = user_frames(info.frames)
         where = location(*frames[0]) if frames else None
         noun = {
@@ -362,14 +371,16 @@ class LeakDetector:
             f"{noun} created by {info.owner.label if info.owner else '?'} was never {verb}; "
             f"its connections stay open on the server",
             where,
-            fails="engine" in fail_on,
         )
 
-    def _threshold_warnings(self, item: pytest.Item | None, fail_on: frozenset[str]):
-        threshold = settings.resolve(self.config, "leak_check_pool_threshold", item)
+    def _threshold_warnings(self, item: pytest.Item | None) -> list[Warning_]:
+        busy = [p for p in self.ledger.pools if p.peak and p.capacity and p.capacity > 0]
+        if not busy:
+            return []
+        threshold = self._setting("leak_check_pool_threshold", item)
         found = []
-        for info in self.ledger.pools:
-            if info.capacity and info.capacity > 0 and info.peak > threshold * info.capacity:
+        for info in busy:
+            if info.peak > threshold * info.capacity:
                 frames = user_frames(info.frames)
                 found.append(
                     Warning_(
@@ -377,13 +388,12 @@ class LeakDetector:
                         f"peak {info.peak} of {info.capacity} connections of a {info.kind} checked "
                         f"out at once ({info.peak / info.capacity:.0%} > {threshold:.0%})",
                         location(*frames[0]) if frames else None,
-                        fails="pool-threshold" in fail_on,
                     )
                 )
         return found
 
     def _idle_in_transaction(
-        self, snapshot: dict[int, Backend], leaked: list[Record], fail_on: frozenset[str]
+        self, snapshot: dict[int, Backend], leaked: list[Record]
     ) -> list[Warning_]:
         found = []
         for pid, backend in snapshot.items():
@@ -400,7 +410,6 @@ class LeakDetector:
                     f"connection (backend pid {pid}) left {backend.state}; it holds its locks and "
                     f"snapshot until closed",
                     where,
-                    fails="idle-in-transaction" in fail_on,
                 )
             )
         return found
@@ -424,7 +433,7 @@ class LeakDetector:
         if not outcomes:
             return
         report = result.get_result()
-        mode = settings.resolve(self.config, "leak_check_mode", item)
+        mode = self._setting("leak_check_mode", item)
         # What fails goes first: the short summary line shows the text's first line.
         outcomes.sort(key=lambda o: not o.fails)
         text = "\n\n".join(format_outcome(o, self.root) for o in outcomes)

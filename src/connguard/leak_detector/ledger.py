@@ -145,7 +145,7 @@ def _stop_codes() -> frozenset[CodeType]:
 _STOP = _stop_codes()
 
 
-def capture_frames(skip: int = 1) -> list[Frame]:
+def capture_frames(skip: int = 1, depth: int = _MAX_FRAMES) -> list[Frame]:
     """The caller's stack as (code, instruction offset) pairs, continued through parent greenlets.
 
     SQLAlchemy's asyncio layer runs the sync pool code inside a greenlet whose stack ends at
@@ -165,7 +165,7 @@ def capture_frames(skip: int = 1) -> list[Frame]:
             if code in stop:
                 return frames
             append((code, f.f_lasti))
-            if len(frames) >= _MAX_FRAMES:
+            if len(frames) >= depth:
                 return frames
             f = f.f_back
         greenlet = sys.modules.get("greenlet")
@@ -379,7 +379,7 @@ class Ledger:
 
         def session_init(session_self: Any, *args: Any, **kwargs: Any) -> None:
             original_session_init(session_self, *args, **kwargs)
-            session_self.__dict__["_connguard_frames"] = capture_frames()
+            session_self.__dict__["_connguard_frames"] = capture_frames(depth=12)
 
         self._patch(Session, "__init__", session_init)
 
