@@ -41,6 +41,9 @@ SPEED_SETTINGS = {
     "wal_level": "minimal",
     "max_wal_senders": "0",
     "jit": "off",
+    # Shared memory segments as files in the data directory: a killed server's segments go
+    # with its temporary directory instead of piling up in /dev/shm.
+    "dynamic_shared_memory_type": "mmap",
     "log_min_messages": "warning",
 }
 UNPRIVILEGED_ACCOUNTS = ("postgres", "nobody")
