@@ -925,6 +925,26 @@ def copy_rows():
     cursor = conn.cursor()
     cursor.execute("select 1")
 """,
+    "app-state-pool": """
+import asyncpg
+from fastapi import FastAPI, Request
+
+app = FastAPI()
+
+@app.on_event("startup")
+async def startup():
+    app.state.pool = await asyncpg.create_pool("postgresql://localhost/app")
+
+@app.get("/leaks")
+async def leaks(request: Request):
+    conn = await request.app.state.pool.acquire()  # CG101
+    return await conn.fetch("select 1")
+
+@app.get("/ok")
+async def ok(request: Request):
+    async with request.app.state.pool.acquire() as conn:
+        return await conn.fetch("select 1")
+""",
     "global-pool": """
 import asyncpg
 

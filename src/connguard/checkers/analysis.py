@@ -319,6 +319,7 @@ class ModuleAnalysis:
         self.module_assigns: list[tuple[cst.CSTNode, cst.BaseExpression, str]] = []
         self.fates: list[Fate] = []
         self.depends: set[str] = set()
+        self.attr_sources: dict[str, ResourceSpec] = {}  # `app.state.pool = create_pool()`
         self.uses_trio = False
         self._resolved: dict[str, ResourceSpec | None] = {}
 
@@ -583,9 +584,19 @@ class ModuleAnalysis:
                     return cls.factory_methods[attr]
                 return None
             if root in info.locals or root in info.params:
-                return None
+                return self._attr_source(parts)
             info = info.outer
-        return self.global_binding(parts)
+        return self.global_binding(parts) or self._attr_source(parts)
+
+    def _attr_source(self, parts: list[str]) -> ResourceSpec | None:
+        """`request.app.state.pool.acquire()`: an attribute this module binds to a pool."""
+        if not self.attr_sources or len(parts) < 2:
+            return None
+        if parts[-1] in self.attr_sources:
+            return _apply_attrs(self.attr_sources[parts[-1]], [])
+        if len(parts) >= 3 and parts[-2] in self.attr_sources:
+            return _apply_attrs(self.attr_sources[parts[-2]], parts[-1:])
+        return None
 
     def _module_bindings(self) -> None:
         for _stmt, value, name, cls in self.module_assigns:
@@ -868,8 +879,16 @@ class ModuleAnalysis:
         self._global_sources()
 
     def _global_sources(self) -> None:
-        """`global pool; pool = await asyncpg.create_pool()` makes `pool` a module source."""
+        """`global pool; pool = await asyncpg.create_pool()` makes `pool` a module source, and
+        `app.state.pool = await asyncpg.create_pool()` makes `<anything>.pool` one."""
         for info in self.functions:
+            for target, value in info.assigns:
+                if type(target) is cst.Attribute and not (
+                    type(target.value) is cst.Name and target.value.value == info.self_name
+                ):
+                    spec = self.value_binding(value, info)
+                    if spec is not None and (spec.methods or spec.call is not None):
+                        self.attr_sources.setdefault(target.attr.value, dataclasses.replace(spec, managed=False))
             if not info.globals:
                 continue
             for target, value in info.assigns:
