@@ -103,8 +103,9 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-          repeat: int = 1) -> tuple[Timing, subprocess.CompletedProcess]:
+def timed(
+    cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None, repeat: int = 1
+) -> tuple[Timing, subprocess.CompletedProcess]:
     best, proc = Timing(float("inf"), float("inf")), None
     for _ in range(repeat):
         cpu0, start = _children_cpu(), time.perf_counter()
@@ -120,7 +121,10 @@ def timed(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | None 
 
 def paired(a: dict, b: dict, repeat: int) -> tuple[tuple[float, subprocess.CompletedProcess], ...]:
     """Best times of two commands run alternately, starting with a different one each round."""
-    best = {"a": (Timing(float("inf"), float("inf")), None), "b": (Timing(float("inf"), float("inf")), None)}
+    best = {
+        "a": (Timing(float("inf"), float("inf")), None),
+        "b": (Timing(float("inf"), float("inf")), None),
+    }
     for round_ in range(repeat):
         order = ("a", "b") if round_ % 2 == 0 else ("b", "a")
         for key in order:
@@ -128,20 +132,33 @@ def paired(a: dict, b: dict, repeat: int) -> tuple[tuple[float, subprocess.Compl
             elapsed, proc = timed(spec["cmd"], env=spec.get("env"))
             old, _ = best[key]
             cpu = min(old.cpu, elapsed.cpu)
-            best[key] = (Timing(elapsed, cpu), proc) if elapsed < old else (Timing(old, cpu), best[key][1])
+            best[key] = (
+                (Timing(elapsed, cpu), proc) if elapsed < old else (Timing(old, cpu), best[key][1])
+            )
     return best["a"], best["b"]
+
+
+def row(label: str, t: Timing, note: str = "", digits: int = 2) -> None:
+    print(f"   {label:<11}: {t:7.{digits}f} s wall {t.cpu:7.{digits}f} s cpu  {note}".rstrip())
+
+
+def ratio(a: Timing, b: Timing, goal: str) -> None:
+    print(f"   {'ratio':<11}: {a / b:.2f}x wall, {a.cpu / b.cpu:.2f}x cpu   (goal <= {goal})")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=1, help="workers for checker and parse-only (default 1)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="workers for checker and parse-only (default 1)"
+    )
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-flake8", action="store_true")
     args = parser.parse_args()
 
     root, files, lines = tree()
     print(f"tree: {root}  ({len(files)} files, {lines:,} lines)  python {sys.version.split()[0]}")
-    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; best of {args.repeat}")
+    load = os.getloadavg()[0]
+    print(f"load average before: {load:.2f} on {os.cpu_count()} cores; best of {args.repeat}")
     checker = str(BIN / "check-async-resources")
 
     # 1. checker vs parse-only -------------------------------------------------------------
@@ -157,9 +174,9 @@ def main() -> int:
         print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
     findings = len(proc.stdout.splitlines())
     print(f"\n1. checker vs libcst.parse_module on every file (-j {args.jobs}, fresh processes)")
-    print(f"   parse only : {parse_s:7.2f} s wall {parse_s.cpu:7.2f} s cpu  ({lines / parse_s:,.0f} lines/s)")
-    print(f"   checker    : {check_s:7.2f} s wall {check_s.cpu:7.2f} s cpu  ({lines / check_s:,.0f} lines/s, {findings} findings)")
-    print(f"   ratio      : {check_s / parse_s:.2f}x wall, {check_s.cpu / parse_s.cpu:.2f}x cpu   (goal <= 1.0x)")
+    row("parse only", parse_s, f"({lines / parse_s:,.0f} lines/s)")
+    row("checker", check_s, f"({lines / check_s:,.0f} lines/s, {findings} findings)")
+    ratio(check_s, parse_s, "1.0x")
 
     # 2. flake8 with vs without the plugin --------------------------------------------------
     if not args.skip_flake8:
@@ -173,9 +190,9 @@ def main() -> int:
         cg_with = sum(": CG" in line for line in with_proc.stdout.splitlines())
         cg_without = sum(": CG" in line for line in without_proc.stdout.splitlines())
         print("\n2. flake8 default run (-j auto, --isolated) with vs without the plugin")
-        print(f"   without    : {without_s:7.2f} s wall {without_s.cpu:7.2f} s cpu  ({cg_without} CG lines: plugin not loaded)")
-        print(f"   with       : {with_s:7.2f} s wall {with_s.cpu:7.2f} s cpu  ({cg_with} CG lines)")
-        print(f"   ratio      : {with_s / without_s:.2f}x wall, {with_s.cpu / without_s.cpu:.2f}x cpu   (goal <= 1.2x)")
+        row("without", without_s, f"({cg_without} CG lines: plugin not loaded)")
+        row("with", with_s, f"({cg_with} CG lines)")
+        ratio(with_s, without_s, "1.2x")
 
     # 3. one small file from a cold process ------------------------------------------------
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,9 +204,9 @@ def main() -> int:
         plain_s, _ = timed([checker, str(plain)], cwd=tmp, repeat=max(5, args.repeat))
         python_s, _ = timed([sys.executable, "-c", "pass"], repeat=5)
     print("\n3. one small file, cold process (best of 5)")
-    print(f"   leaking file   : {cold_s:5.3f} s wall {cold_s.cpu:5.3f} s cpu  (exit {proc.returncode}; parse + analysis)")
-    print(f"   plain file     : {plain_s:5.3f} s wall {plain_s.cpu:5.3f} s cpu  (prefilter skips the parse)")
-    print(f"   bare python    : {python_s:5.3f} s wall {python_s.cpu:5.3f} s cpu  (interpreter start, for scale)")
+    row("leaking", cold_s, f"(exit {proc.returncode}; parse + analysis)", digits=3)
+    row("plain", plain_s, "(the prefilter spares the parse)", digits=3)
+    row("bare python", python_s, "(interpreter start, for scale)", digits=3)
     print(f"   goal           : <= 0.5 s -> {'met' if cold_s <= 0.5 else 'NOT met'}")
     return 0
 

@@ -186,7 +186,9 @@ def test_extra_factories_from_pyproject(tmp_path):
     write(
         tmp_path,
         {
-            "pyproject.toml": '[tool.connguard]\nextra-factories = { "myapp.db.open_session" = "session" }\n',
+            "pyproject.toml": (
+                '[tool.connguard]\nextra-factories = { "myapp.db.open_session" = "session" }\n'
+            ),
             "use.py": """
                 from myapp.db import open_session
 
@@ -224,7 +226,9 @@ def test_gitignore_and_default_excludes_are_honoured_when_walking(tmp_path):
 
 
 def test_stdin_with_filename(tmp_path):
-    write(tmp_path, {"pyproject.toml": '[tool.connguard]\nper-file-ignores = { "skip/*" = ["CG"] }\n'})
+    write(
+        tmp_path, {"pyproject.toml": '[tool.connguard]\nper-file-ignores = { "skip/*" = ["CG"] }\n'}
+    )
     result = run("-", "--stdin-filename", "app/api.py", cwd=tmp_path, input=LEAK)
     assert result.returncode == 1
     assert result.stdout.startswith(f"app/api.py:{LEAK_LINE}:{LEAK_COL}: CG101 ")
@@ -266,7 +270,10 @@ def test_exit_zero_and_statistics(tmp_path):
 
 
 def test_parallel_and_serial_runs_agree(tmp_path):
-    files = {f"pkg/m{i:02d}.py": (LEAK if i % 3 == 0 else SAFE if i % 3 == 1 else PLAIN) for i in range(30)}
+    files = {
+        f"pkg/m{i:02d}.py": (LEAK if i % 3 == 0 else SAFE if i % 3 == 1 else PLAIN)
+        for i in range(30)
+    }
     write(tmp_path, files)
     serial = run("-j", "1", ".", cwd=tmp_path)
     parallel = run("-j", "2", ".", cwd=tmp_path)

@@ -16,7 +16,8 @@ from connguard.checkers.imports import ProjectImports, absolute_module, iter_fro
 def test_check_source_reports_the_seed_outage():
     findings = engine.check_source(LEAK, "app.py", Config())
     assert any(
-        (f.path, f.line, f.col, f.code) == ("app.py", LEAK_LINE, LEAK_COL, "CG101") for f in findings
+        (f.path, f.line, f.col, f.code) == ("app.py", LEAK_LINE, LEAK_COL, "CG101")
+        for f in findings
     ), findings
     assert findings == sorted(findings)
     assert engine.check_source(SAFE, "app.py", Config()) == []
@@ -115,7 +116,9 @@ def test_config_keys_are_validated(tmp_path):
         config_from_table({"ignore": ["W503"]})
     with pytest.raises(ConfigError, match="spaceship"):
         config_from_table({"extra-factories": {"a.b": "spaceship"}})
-    ok = config_from_table({"extend_select": ["CG102"], "extra-factories": {"app.db.get": "session"}})
+    ok = config_from_table(
+        {"extend_select": ["CG102"], "extra-factories": {"app.db.get": "session"}}
+    )
     assert ok.extra_factories == {"app.db.get": "session"}
     # no pyproject anywhere above: defaults
     assert load_config(tmp_path) == Config()
@@ -134,7 +137,10 @@ def test_pyproject_without_our_table_is_skipped_for_the_one_above(tmp_path):
 
 # -- the cross-module resolver ---------------------------------------------------------------
 def test_from_import_parsing():
-    text = "from a.b import (x,\n   y as z,  # c\n)\nfrom . import m\nfrom ..p import *\nfrom q import r, \\\n  s\n"
+    text = (
+        "from a.b import (x,\n   y as z,  # c\n)\nfrom . import m\nfrom ..p import *\n"
+        "from q import r, \\\n  s\n"
+    )
     assert list(iter_from_imports(text)) == [
         (0, "a.b", ["x", "y"]),
         (1, "", ["m"]),
@@ -226,7 +232,9 @@ def test_a_rule_that_is_off_by_default_runs_only_when_named():
     code = off[0]
     snippet = RULES[code].INVALID[0]
     assert code not in {f.code for f in engine.check_source(snippet, "x.py", Config())}
-    assert code not in {f.code for f in engine.check_source(snippet, "x.py", Config(select=frozenset({"CG1"})))}
+    assert code not in {
+        f.code for f in engine.check_source(snippet, "x.py", Config(select=frozenset({"CG1"})))
+    }
     named = Config().with_selection(extend_select=frozenset({code}))
     assert code in {f.code for f in engine.check_source(snippet, "x.py", named)}
 
@@ -277,20 +285,26 @@ import os
 def test_code_only_keeps_code_and_drops_strings_and_comments():
     from connguard.checkers.imports import code_only
 
-    text = "a = 'x#y'  # note\nb = \"\"\"doc\nmore\"\"\"\nc = f'{a}'\n"
+    text = 'a = \'x#y\'  # note\nb = """doc\nmore"""\nc = f\'{a}\'\n'
     assert code_only(text) == 'a = ""  \nb = ""\nc = f""\n'
 
 
 @pytest.mark.parametrize(
     "body, expected",
     [
-        ("from sqlalchemy.orm import Session\n\ndef f(s: Session) -> Session:\n    return s\n", False),
+        (
+            "from sqlalchemy.orm import Session\n\ndef f(s: Session) -> Session:\n    return s\n",
+            False,
+        ),
         ("from sqlalchemy.orm import Session\nok = isinstance(x, Session)\n", False),
         ("from sqlalchemy.orm import Session\ns = Session(engine)\n", True),
         ("from sqlalchemy.orm import Session as S\ns = S(engine)\n", True),
         ("from sqlalchemy.orm import Session\nMaker = Session\n", True),
         ("from sqlalchemy.orm import Session\n\nclass Mine(Base, Session):\n    pass\n", True),
-        ("from sqlalchemy.orm import sessionmaker, Session\nm = sessionmaker(class_=Session)\n", True),
+        (
+            "from sqlalchemy.orm import sessionmaker, Session\nm = sessionmaker(class_=Session)\n",
+            True,
+        ),
         ("import asyncpg\n\nasync def f():\n    c = await asyncpg.connect()\n", True),
         ("import sqlalchemy.ext.asyncio as sa\ns = sa.AsyncSession(e)\n", True),
         (

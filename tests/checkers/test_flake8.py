@@ -17,8 +17,9 @@ def cg_lines(stdout: str) -> list[str]:
 
 
 def test_plugin_is_registered():
-    from engine_helpers import script
     import subprocess
+
+    from engine_helpers import script
 
     out = subprocess.run([script("flake8"), "--version"], capture_output=True, text=True).stdout
     assert "connguard" in out
@@ -66,7 +67,9 @@ def test_project_config_extra_factories_apply_under_flake8(tmp_path):
     write(
         tmp_path,
         {
-            "pyproject.toml": '[tool.connguard]\nextra-factories = { "myapp.db.open_session" = "session" }\n',
+            "pyproject.toml": (
+                '[tool.connguard]\nextra-factories = { "myapp.db.open_session" = "session" }\n'
+            ),
             "use.py": """
                 from myapp.db import open_session
 

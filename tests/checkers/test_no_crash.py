@@ -27,8 +27,16 @@ def test_zero_internal_errors_over_stdlib_and_site_packages(tmp_path):
     started = time.monotonic()
     # --select CG000: every rule still runs (selection filters afterwards) but the output stays
     # small; CG999 can never be deselected, so it would show.
-    result = run("-j", str(min(2, os.cpu_count() or 1)), "--format", "json", "--select", "CG000",
-                 *corpus(), cwd=tmp_path)
+    result = run(
+        "-j",
+        str(min(2, os.cpu_count() or 1)),
+        "--format",
+        "json",
+        "--select",
+        "CG000",
+        *corpus(),
+        cwd=tmp_path,
+    )
     elapsed = time.monotonic() - started
     assert_no_traceback(result)
     rows = json.loads(result.stdout)
@@ -38,7 +46,9 @@ def test_zero_internal_errors_over_stdlib_and_site_packages(tmp_path):
     unparsable = [r for r in rows if r["code"] == "CG000"]
     # the stdlib ships deliberately broken files (lib2to3's Python 2 grammar samples, the
     # tests' badsyntax modules): they must come out as CG000, not be skipped or crash
-    assert any("badsyntax" in r["path"] or "lib2to3" in r["path"] for r in unparsable), unparsable[:5]
+    assert any("badsyntax" in r["path"] or "lib2to3" in r["path"] for r in unparsable), unparsable[
+        :5
+    ]
     print(f"\n{len(unparsable)} unparsable files, {elapsed:.1f}s")
 
 
@@ -61,7 +71,12 @@ def _analyse_unfiltered(path: str) -> str | None:
     try:
         module, _is_package = resolver.register_file(Path(path))
         analysis.check_module(
-            source, path, table=config.table, imports=resolver, module_name=module, enabled=set(RULES)
+            source,
+            path,
+            table=config.table,
+            imports=resolver,
+            module_name=module,
+            enabled=set(RULES),
         )
     except libcst.ParserSyntaxError:
         return None

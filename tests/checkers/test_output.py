@@ -52,12 +52,17 @@ def test_sarif_uris_are_relative_to_srcroot_or_absolute_file_uris(tmp_path):
     inside = tmp_path / "pkg" / "a b.py"
     log = json.loads(
         output.format_sarif(
-            [Finding(str(inside), 1, 1, "CG101", "m"), Finding("/elsewhere/c.py", 1, 1, "CG101", "m")],
+            [
+                Finding(str(inside), 1, 1, "CG101", "m"),
+                Finding("/elsewhere/c.py", 1, 1, "CG101", "m"),
+            ],
             base=tmp_path,
         )
     )
     validate(log)
-    locs = [r["locations"][0]["physicalLocation"]["artifactLocation"] for r in log["runs"][0]["results"]]
+    locs = [
+        r["locations"][0]["physicalLocation"]["artifactLocation"] for r in log["runs"][0]["results"]
+    ]
     assert locs[0] == {"uri": "pkg/a%20b.py", "uriBaseId": "%SRCROOT%"}
     assert locs[1] == {"uri": "file:///elsewhere/c.py"}
     assert log["runs"][0]["originalUriBaseIds"]["%SRCROOT%"]["uri"].endswith("/")
@@ -76,7 +81,10 @@ def test_sarif_from_the_cli_is_valid_and_names_the_finding(tmp_path):
         if r["ruleId"] == "CG101"
         and r["locations"][0]["physicalLocation"]["region"]["startLine"] == LEAK_LINE
     ]
-    assert hit and hit[0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "app/routes.py"
+    assert (
+        hit
+        and hit[0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "app/routes.py"
+    )
     assert hit[0]["locations"][0]["physicalLocation"]["region"]["startColumn"] == LEAK_COL
     assert any(r["ruleId"] == "CG000" for r in results)
     assert log["runs"][0]["invocations"][0]["executionSuccessful"] is True
@@ -112,9 +120,13 @@ def test_text():
     [
         (
             Finding("a,b:c.py", 1, 2, "CG101", "50% done\nnext", 1, 9),
-            "::error file=a%2Cb%3Ac.py,line=1,col=2,endLine=1,endColumn=9,title=CG101::CG101 50%25 done%0Anext\n",
+            "::error file=a%2Cb%3Ac.py,line=1,col=2,endLine=1,endColumn=9,title=CG101::"
+            "CG101 50%25 done%0Anext\n",
         ),
-        (Finding("p.py", 3, 4, "CG000", "cannot parse: x"), "::error file=p.py,line=3,col=4,title=CG000::CG000 cannot parse: x\n"),
+        (
+            Finding("p.py", 3, 4, "CG000", "cannot parse: x"),
+            "::error file=p.py,line=3,col=4,title=CG000::CG000 cannot parse: x\n",
+        ),
     ],
 )
 def test_github_annotations_escape_their_fields(finding, expected):

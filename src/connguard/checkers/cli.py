@@ -8,7 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from connguard.checkers.config import Config, ConfigError, config_from_table, load_config, parse_codes
+from connguard.checkers.config import (
+    Config,
+    ConfigError,
+    config_from_table,
+    load_config,
+    parse_codes,
+)
 
 PROG = "check-async-resources"
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -39,9 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         "not released on every path (codes CG1xx).",
     )
     parser.add_argument(
-        "paths", nargs="*", metavar="PATH", help="files or directories to check ('-' for stdin; default: .)"
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="files or directories to check ('-' for stdin; default: .)",
     )
-    parser.add_argument("--select", metavar="CODES", help="only these codes or prefixes, comma separated")
+    parser.add_argument(
+        "--select", metavar="CODES", help="only these codes or prefixes, comma separated"
+    )
     parser.add_argument("--ignore", metavar="CODES", help="skip these codes or prefixes")
     parser.add_argument("--extend-select", metavar="CODES", help="add to the configured selection")
     parser.add_argument("--extend-ignore", metavar="CODES", help="add to the configured ignores")
@@ -51,19 +62,36 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="output format (default: text)",
     )
-    parser.add_argument("--exit-zero", action="store_true", help="exit 0 even when findings are reported")
+    parser.add_argument(
+        "--exit-zero", action="store_true", help="exit 0 even when findings are reported"
+    )
     parser.add_argument("--statistics", action="store_true", help="count findings per code")
     parser.add_argument(
-        "-j", "--jobs", type=_jobs, default=0, metavar="N", help="parallel processes (default: auto)"
+        "-j",
+        "--jobs",
+        type=_jobs,
+        default=0,
+        metavar="N",
+        help="parallel processes (default: auto)",
     )
-    parser.add_argument("--explain", metavar="CODE", help="print the documentation of a rule and exit")
-    parser.add_argument("--fix", action="store_true", help="rewrite what can safely become `async with`")
-    parser.add_argument("--diff", action="store_true", help="print the fixes as a diff; write nothing")
     parser.add_argument(
-        "--stdin-filename", metavar="PATH", help="the path to report (and configure) for source read from '-'"
+        "--explain", metavar="CODE", help="print the documentation of a rule and exit"
     )
     parser.add_argument(
-        "--config", metavar="PYPROJECT", help="read [tool.connguard] from this file instead of searching"
+        "--fix", action="store_true", help="rewrite what can safely become `async with`"
+    )
+    parser.add_argument(
+        "--diff", action="store_true", help="print the fixes as a diff; write nothing"
+    )
+    parser.add_argument(
+        "--stdin-filename",
+        metavar="PATH",
+        help="the path to report (and configure) for source read from '-'",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PYPROJECT",
+        help="read [tool.connguard] from this file instead of searching",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
@@ -110,6 +138,7 @@ def _load(args: argparse.Namespace) -> Config:
         config = config_from_table(table, path.resolve())
     else:
         config = load_config(_config_start(args))
+
     def codes(value: str | None, flag: str) -> frozenset[str] | None:
         return None if value is None else parse_codes(value, flag)
 
@@ -219,10 +248,14 @@ def _run_fix(args: argparse.Namespace, config: Config) -> int:
                 declined_lines.append(f"{path}:1:1: not fixed: cannot read: {exc}")
                 remaining += engine.check_file(path, config)
                 continue
-            if outcome.source != (outcome.original if outcome.original is not None else outcome.source):
+            if outcome.source != (
+                outcome.original if outcome.original is not None else outcome.source
+            ):
                 changed += 1
                 if args.diff:
-                    sys.stdout.write(fixes.render_diff(outcome.original or "", outcome.source, path))
+                    sys.stdout.write(
+                        fixes.render_diff(outcome.original or "", outcome.source, path)
+                    )
             declined_lines += [f"{f.text()} (not fixed: {why})" for f, why in outcome.declined]
             if args.diff:
                 remaining += engine.check_source(outcome.source, path, config)
@@ -231,7 +264,10 @@ def _run_fix(args: argparse.Namespace, config: Config) -> int:
     for line in declined_lines:
         print(line, file=sys.stderr)
     verb = "would fix" if args.diff else "fixed"
-    print(f"{verb} {changed} file(s); {len(declined_lines)} finding(s) left for a person", file=sys.stderr)
+    print(
+        f"{verb} {changed} file(s); {len(declined_lines)} finding(s) left for a person",
+        file=sys.stderr,
+    )
     remaining = sorted(remaining)
     if not args.diff and "-" not in paths:
         _emit(args, remaining, successful=not any(f.code == "CG999" for f in remaining))

@@ -1,4 +1,4 @@
-"""`[tool.connguard]` settings: where they are found, what they mean, and which codes apply to a path."""
+"""`[tool.connguard]` settings: where they are found, what they mean, which codes apply where."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ class Config:
         extend_select: frozenset[str] | None = None,
         extend_ignore: frozenset[str] | None = None,
     ) -> Config:
-        """Command line selection on top of the file's: `select`/`ignore` replace, `extend-*` add."""
+        """Command line selection over the file's: `select`/`ignore` replace, `extend-*` add."""
         new_select = self.select if select is None else select
         new_extend = self.extend_select | (extend_select or frozenset())
         new_ignore = self.ignore if ignore is None else ignore

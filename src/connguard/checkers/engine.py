@@ -32,7 +32,7 @@ from connguard.checkers.imports import (
     module_name_for,
 )
 
-# flake8's spelling: `# noqa` alone, or `# noqa: CG101,CG102` (a colon, then codes).
+# flake8's spelling: a bare "noqa" comment, or "noqa" with a colon and a list of codes.
 _NOQA = re.compile(
     r"#\s*noqa(?::[\s]?(?P<codes>[A-Z][0-9]+(?:[,\s]+[A-Z][0-9]+)*))?", re.IGNORECASE
 )
@@ -229,7 +229,8 @@ def rule_codes(config: Config, path: str | None = None) -> frozenset[str]:
     return frozenset(
         code
         for code, rule in RULES.items()
-        if config.enabled(code, path) and (getattr(rule, "DEFAULT_ENABLED", True) or config.named(code))
+        if config.enabled(code, path)
+        and (getattr(rule, "DEFAULT_ENABLED", True) or config.named(code))
     )
 
 
@@ -237,7 +238,9 @@ def flake8_rule_codes(config: Config) -> frozenset[str]:
     from connguard.checkers.rules import RULES
 
     return frozenset(
-        code for code, rule in RULES.items() if getattr(rule, "DEFAULT_ENABLED", True) or config.named(code)
+        code
+        for code, rule in RULES.items()
+        if getattr(rule, "DEFAULT_ENABLED", True) or config.named(code)
     )
 
 
@@ -285,7 +288,11 @@ def check_source(
     findings = analyse(source, path, config)
     if findings:
         codes = rule_codes(config, path)
-        findings = [f for f in findings if f.code in codes or (f.code in ENGINE_CODES and config.enabled(f.code, path))]
+        findings = [
+            f
+            for f in findings
+            if f.code in codes or (f.code in ENGINE_CODES and config.enabled(f.code, path))
+        ]
     if noqa:
         findings = apply_noqa(findings, source)
     return sorted(findings)
@@ -380,7 +387,9 @@ def _run_pool(files: Sequence[str], config: Config, jobs: int) -> list[tuple[lis
 
     # fork shares the parent's imports and config; elsewhere the default start method works.
     methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" and "fork" in methods else None)
+    context = multiprocessing.get_context(
+        "fork" if sys.platform == "linux" and "fork" in methods else None
+    )
     config.table  # noqa: B018 - build once, before forking, so workers inherit it
     # big files first, so one large module does not end the run alone on one core
     order = sorted(range(len(files)), key=lambda i: -_size(files[i]))
@@ -391,7 +400,7 @@ def _run_pool(files: Sequence[str], config: Config, jobs: int) -> list[tuple[lis
     ) as pool:
         outcome = list(pool.map(_worker_check, ordered, chunksize=chunk))
     results: list[tuple[list[Finding], int]] = [([], 0)] * len(files)
-    for index, result in zip(order, outcome):
+    for index, result in zip(order, outcome, strict=True):
         results[index] = result
     return results
 

@@ -1,4 +1,4 @@
-"""The flake8 adapter: the engine's raw findings as flake8 results (flake8 owns noqa and selection)."""
+"""The flake8 adapter: the engine's raw findings as flake8 results (flake8 owns noqa, selection)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,12 @@ class Plugin:
             yield 1, 0, f"CG999 bad [tool.connguard] configuration: {exc}", type(self)
             return
         for finding in engine.analyse(source, path, config, syntax_check=False, select=False):
-            yield finding.line, max(finding.col - 1, 0), f"{finding.code} {finding.message}", type(self)
+            yield (
+                finding.line,
+                max(finding.col - 1, 0),
+                f"{finding.code} {finding.message}",
+                type(self),
+            )
 
 
 def _default() -> Any:

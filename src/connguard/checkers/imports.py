@@ -318,7 +318,11 @@ class ProjectImports:
             if not summary:
                 # `from pkg import db` imports a submodule; `db.SessionLocal()` follows
                 for sub in names:
-                    if sub != "*" and self.find(f"{target}.{sub}") and self.summary(f"{target}.{sub}"):
+                    if (
+                        sub != "*"
+                        and self.find(f"{target}.{sub}")
+                        and self.summary(f"{target}.{sub}")
+                    ):
                         return True
         for name in iter_plain_imports(text):
             if name.split(".", 1)[0] in self._skip_roots:

@@ -10,7 +10,9 @@ from typing import Any
 from connguard.checkers.config import INTERNAL_ERROR, PARSE_ERROR
 from connguard.checkers.findings import Finding
 
-SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
+SARIF_SCHEMA = (
+    "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
+)
 INFORMATION_URI = "https://github.com/connguard/connguard"
 
 # The engine's own codes, described like rules so SARIF results can point at them.
@@ -73,7 +75,9 @@ def _rule_descriptors() -> list[tuple[str, str, str, str]]:
         RULES = {}
     for code, rule in sorted(RULES.items()):
         doc = (rule.__doc__ or "").strip()
-        full = " ".join(doc.split("\n\n")[0].split()) if doc else str(getattr(rule, "MESSAGE", code))
+        full = (
+            " ".join(doc.split("\n\n")[0].split()) if doc else str(getattr(rule, "MESSAGE", code))
+        )
         short = str(getattr(rule, "MESSAGE", "") or full).split("\n")[0]
         out.append((code, str(getattr(rule, "NAME", code.lower())), short, doc or full))
     for code, (name, text) in ENGINE_RULES.items():
