@@ -369,3 +369,35 @@ def test_fix_from_stdin_prints_the_fixed_source(tmp_path):
     assert result.returncode == 0, result.stderr
     diff = run("--diff", "-", "--stdin-filename", "api.py", cwd=tmp_path, input=LEAK)
     assert diff.returncode == 1 and "+++ b/api.py" in diff.stdout
+
+
+def test_an_internal_error_is_one_line_per_file_exit_2_and_never_a_traceback(tmp_path, monkeypatch):
+    """A fault injected into the analysis (through a sitecustomize on PYTHONPATH, so the real
+    console script runs) must surface as CG999 lines and a summary, never a traceback."""
+    import os
+
+    inject = tmp_path / "inject"
+    write(
+        inject,
+        {
+            "sitecustomize.py": """
+                from connguard.checkers import analysis
+
+                def broken(*args, **kwargs):
+                    raise ZeroDivisionError("injected fault")
+
+                analysis.check_module = broken
+            """
+        },
+    )
+    write(tmp_path / "proj", {"a.py": LEAK, "b.py": PLAIN})
+    env_path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", env_path)
+    result = run(".", "--exit-zero", cwd=tmp_path / "proj")
+    assert_no_traceback(result)
+    assert result.returncode == 2
+    assert re.match(
+        r"^a\.py:1:1: CG999 internal error: ZeroDivisionError: injected fault", result.stdout
+    )
+    assert "b.py" not in result.stdout
+    assert "1 internal error(s)" in result.stderr

@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (default: text)",
     )
     parser.add_argument(
-        "--exit-zero", action="store_true", help="exit 0 even when findings are reported"
+        "--exit-zero",
+        action="store_true",
+        help="exit 0 even when findings are reported (internal errors still exit 2)",
     )
     parser.add_argument("--statistics", action="store_true", help="count findings per code")
     parser.add_argument(
@@ -206,6 +208,12 @@ def _run_check(args: argparse.Namespace, config: Config) -> int:
         except PathError as exc:
             raise UsageError(str(exc)) from None
     _emit(args, report.all, successful=not report.errors)
+    if report.errors:
+        print(
+            f"{PROG}: {len(report.errors)} internal error(s) (CG999): those files were not "
+            "fully checked; please report them",
+            file=sys.stderr,
+        )
     return report.exit_code(exit_zero=args.exit_zero)
 
 
