@@ -303,3 +303,24 @@ def test_report_file_is_json_with_the_leaking_tests(leaky_run):
     assert "test_leaky.py::test_undisposed_engine" not in report["tests_with_leaks"]
     assert report["fixtures_with_leaks"] == ["fixture 'leaky_session_conn' (session scope)"]
     json.dumps(report)  # round-trips
+
+
+def test_observer_reads_backends_and_survives_losing_its_server(server_url):
+    import psycopg
+
+    from connguard.leak_detector.observer import Observer
+
+    observer = Observer(server_url, "postgres")
+    with psycopg.connect(server_url, autocommit=True, application_name="watched") as conn:
+        conn.execute("select 7")
+        pid = conn.info.backend_pid
+        now = observer.snapshot()
+        assert now[pid].state == "idle" and now[pid].query == "select 7"
+        assert now[pid].application_name == "watched"
+        assert observer.pid not in now  # never itself
+        observer.send()  # asked now, collected later: the same answer
+        assert pid in observer.collect()
+    assert pid not in observer.wait_gone({pid})
+    observer._conn.close()  # the server goes away mid-run
+    assert observer.snapshot() == {}
+    assert observer.broken

@@ -52,6 +52,7 @@ class Observer:
         self.pid = self._conn.info.backend_pid
         self.last: dict[int, Backend] | None = None
         self.broken: str | None = None
+        self._pending = False
         # Once per test: straight to libpq with a prepared statement and text results, which
         # is about half the time of a psycopg cursor round trip.
         self._pgconn = self._conn.pgconn
@@ -63,32 +64,70 @@ class Observer:
                 f"{prepared.error_message.decode(errors='replace').strip()}"
             )
 
+    def send(self) -> None:
+        """Ask for a snapshot now and collect it later: the round trip overlaps pytest's work."""
+        if self.broken is not None or self._pending:
+            return
+        try:
+            self._pgconn.send_query_prepared(_STATEMENT, [self._dbname])  # raises on failure
+            while self._pgconn.flush():
+                pass
+        except Exception as error:
+            self._broke(error)
+            return
+        self._pending = True
+
+    def collect(self) -> dict[int, Backend]:
+        """The snapshot asked for by send(), or a fresh one if none is pending."""
+        if not self._pending:
+            return self.snapshot()
+        self._pending = False
+        try:
+            result = self._pgconn.get_result()
+            while self._pgconn.get_result() is not None:
+                pass
+            return self._store(result)
+        except Exception as error:
+            self._broke(error)
+            return {}
+
     def snapshot(self) -> dict[int, Backend]:
         """The client backends now; empty from the first failure on (see `broken`)."""
+        if self._pending:
+            self.collect()
         if self.broken is not None:
             return {}
         try:
-            result = self._pgconn.exec_prepared(_STATEMENT, [self._dbname])
-            if result.error_message:
-                raise ObserverError(result.error_message.decode(errors="replace").strip())
-            value = result.get_value
-            found = {}
-            for row in range(result.ntuples):
-                pid = int(value(row, 0))
-                found[pid] = Backend(
-                    pid,
-                    _text(value(row, 1)),
-                    _text(value(row, 2)),
-                    int(value(row, 3)) if value(row, 3) is not None else None,
-                    _text(value(row, 4)),
-                    _text(value(row, 5)),
-                )
-        except Exception as error:  # the server went away: the ledger still decides alone
-            self.broken = f"{type(error).__name__}: {error}".strip()
-            self.last = {}
+            return self._store(self._pgconn.exec_prepared(_STATEMENT, [self._dbname]))
+        except Exception as error:
+            self._broke(error)
             return {}
+
+    def _store(self, result) -> dict[int, Backend]:
+        if result is None or result.error_message:
+            message = result.error_message if result is not None else b"no result"
+            raise ObserverError(message.decode(errors="replace").strip())
+        value = result.get_value
+        found = {}
+        for row in range(result.ntuples):
+            pid = int(value(row, 0))
+            port = value(row, 3)
+            found[pid] = Backend(
+                pid,
+                _text(value(row, 1)),
+                _text(value(row, 2)),
+                int(port) if port is not None else None,
+                _text(value(row, 4)),
+                _text(value(row, 5)),
+            )
         self.last = found
         return found
+
+    def _broke(self, error: BaseException) -> None:
+        # The server went away: from here on the ledger decides alone.
+        self.broken = f"{type(error).__name__}: {error}".strip()
+        self.last = {}
+        self._pending = False
 
     def wait_gone(self, pids: set[int], budget: float = 0.2) -> dict[int, Backend]:
         """Poll until none of `pids` is listed or `budget` seconds pass.
