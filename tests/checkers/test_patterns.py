@@ -1132,3 +1132,35 @@ class _ProjectResolver:
 )
 def test_cross_module_makers_and_factories(source: str) -> None:
     assert run(source, imports=_ProjectResolver()) == expected_marks(source)
+
+
+def test_prefilter_never_rejects_a_file_with_findings() -> None:
+    from connguard.checkers.resources import may_hold_resource
+
+    for name, source in {**PATTERNS, **BULLETS}.items():
+        if expected_marks(source):
+            assert may_hold_resource(source, DEFAULT_TABLE), name
+    assert not may_hold_resource("import os\nprint(os.getcwd())\n", DEFAULT_TABLE)
+
+
+def test_extra_factories_from_configuration() -> None:
+    from connguard.checkers.resources import TableError, build_table, may_hold_resource
+
+    table = build_table({"myapp.db.open_session": "session", "myapp.db.open_pool": "pool"})
+    source = (
+        "from myapp.db import open_session, open_pool\n"
+        "async def f(q):\n"
+        "    s = open_session()  # CG101\n"
+        "    return await s.execute(q)\n"
+        "async def g():\n"
+        "    pool = open_pool()\n"
+        "    return pool\n"
+        "async def h():\n"
+        "    pool = open_pool()  # CG107\n"
+        "    await pool.fetch('select 1')\n"
+    )
+    assert may_hold_resource(source, table)
+    found = {(f.line, f.code) for f in check_module(source, "x.py", table=table)}
+    assert found == expected_marks(source) == {(3, "CG101"), (9, "CG107")}
+    with pytest.raises(TableError, match="unknown kind"):
+        build_table({"myapp.db.x": "socket"})
