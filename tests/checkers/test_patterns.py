@@ -907,6 +907,13 @@ async def test_close_all():
     s2 = AsyncSession(engine)
     await close_all_sessions()
 """,
+    "session-close-all-classmethod": """
+from sqlalchemy.orm import Session
+
+def test_close_all(engine):
+    s1 = Session(engine)
+    Session.close_all()
+""",
     "expect-raises-helper": """
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.testing import expect_raises_message

@@ -1516,12 +1516,12 @@ class FunctionAnalysis:
             callee = _last_name(func)
             if type(func) is not cst.Name:
                 self.neutral(func)
-            if ex.is_release_all(callee) and not call.args:
-                self._ev.append(("release-all", callee))
             if callee == "anext" and call.args:
                 inner = call.args[0].value
                 if type(inner) is cst.Call and self.m.resource_generator(inner.func) is not None:
                     self._ev.append(("gen", inner))
+        if ex.is_release_all(callee) and not call.args:
+            self._ev.append(("release-all", callee))
         index = 0
         for arg in call.args:
             keyword = arg.keyword.value if arg.keyword is not None else ""
