@@ -952,6 +952,21 @@ async def ok(request: Request):
     async with request.app.state.pool.acquire() as conn:
         return await conn.fetch("select 1")
 """,
+    "wait-for-connect": """
+import asyncio
+import asyncpg
+
+async def leaks(dsn):
+    conn = await asyncio.wait_for(asyncpg.connect(dsn), timeout=10)  # CG101
+    return await conn.fetch("select 1")
+
+async def ok(dsn):
+    conn = await asyncio.wait_for(asyncpg.connect(dsn), timeout=10)
+    try:
+        return await conn.fetch("select 1")
+    finally:
+        await asyncio.wait_for(conn.close(), timeout=5)
+""",
     "global-pool": """
 import asyncpg
 

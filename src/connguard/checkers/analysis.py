@@ -1522,6 +1522,13 @@ class FunctionAnalysis:
                     self._ev.append(("gen", inner))
         if ex.is_release_all(callee) and not call.args:
             self._ev.append(("release-all", callee))
+        if callee in ("wait_for", "shield") and use.awaited and call.args and call.args[0].keyword is None:
+            # `conn = await asyncio.wait_for(asyncpg.connect(dsn), 10)`: the awaited result is
+            # the connection itself.
+            self.value(call.args[0].value, use)
+            for arg in call.args[1:]:
+                self.neutral(arg.value)
+            return
         index = 0
         for arg in call.args:
             keyword = arg.keyword.value if arg.keyword is not None else ""
