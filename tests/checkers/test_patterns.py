@@ -967,6 +967,21 @@ async def ok(dsn):
     finally:
         await asyncio.wait_for(conn.close(), timeout=5)
 """,
+    "class-attribute-maker": PRE + """
+class Repo:
+    maker = AsyncSessionLocal
+
+    async def get(self, q):
+        s = self.maker()  # CG101
+        return await s.execute(q)
+""",
+    "main-block-is-not-shared": PRE + """
+import asyncio
+
+if __name__ == "__main__":
+    session = AsyncSessionLocal()
+    asyncio.run(session.close())
+""",
     "global-pool": """
 import asyncpg
 

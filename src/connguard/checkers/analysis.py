@@ -367,6 +367,8 @@ class ModuleAnalysis:
                     self.defined.add(info.name)
                 self._collect_block(stmt.body.body if isinstance(stmt.body, cst.IndentedBlock) else (), info)
             elif t is cst.If or t is cst.Try or t is cst.TryStar or t is cst.With or t is cst.For or t is cst.While:
+                if t is cst.If and cls is None and _is_main_guard(stmt.test):
+                    continue  # a script's main block is not shared module state
                 for suite in self._suites(stmt):
                     self._collect_block(suite, cls)
 
@@ -870,6 +872,12 @@ class ModuleAnalysis:
                 self._function(nested, None, info)
         for info in self.functions:
             self._sources(info)
+        for _stmt, value, name, cls in self.module_assigns:
+            if cls is not None:
+                # `class Repo: maker = async_sessionmaker(engine)` then `self.maker()`
+                spec = self.value_binding(value, None)
+                if spec is not None and (spec.call is not None or spec.methods):
+                    cls.attr_sources.setdefault(name, dataclasses.replace(spec, managed=False))
         for cls in self.classes.values():
             self._class_sources(cls)
         for _ in range(2):
@@ -1071,6 +1079,15 @@ class ModuleAnalysis:
                     ):
                         released.add(recv.attr.value)
         return released
+
+
+def _is_main_guard(test: cst.BaseExpression) -> bool:
+    if type(test) is not cst.Comparison or len(test.comparisons) != 1:
+        return False
+    left = test.left
+    right = test.comparisons[0].comparator
+    names = {_last_name(left), getattr(right, "evaluated_value", None) if type(right) is cst.SimpleString else ""}
+    return "__name__" in names and "__main__" in names
 
 
 def _self_attr(expr: cst.BaseExpression, self_name: str) -> str:
