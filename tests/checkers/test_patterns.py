@@ -1201,3 +1201,17 @@ def test_extra_factories_from_configuration() -> None:
     assert found == expected_marks(source) == {(3, "CG101"), (9, "CG107")}
     with pytest.raises(TableError, match="unknown kind"):
         build_table({"myapp.db.x": "socket"})
+
+
+def test_bad_syntax_raises_the_parser_error() -> None:
+    import libcst
+
+    with pytest.raises(libcst.ParserSyntaxError):
+        check_module("def f(:\n    pass\n", "bad.py")
+
+
+def test_findings_carry_end_positions_and_sort() -> None:
+    source = PATTERNS["37-loop-no-close"] + PATTERNS["01-canonical-leak"].replace(PRE, "")
+    found = check_module(source, "x.py")
+    assert found == sorted(found)
+    assert all(f.end_line >= f.line and (f.end_line > f.line or f.end_col > f.col) for f in found)
