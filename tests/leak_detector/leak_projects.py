@@ -210,13 +210,15 @@ async def test_undisposed_engine():
 
 
 async def test_timeout_path(engine):
+    async def handler():
+        session = AsyncSession(engine)  # LEAK test_timeout_path
+        await session.execute(text("select 1"))
+        await asyncio.sleep(5)
+        await session.close()
+
     try:
-        async with asyncio.timeout(0.1):
-            session = AsyncSession(engine)  # LEAK test_timeout_path
-            await session.execute(text("select 1"))
-            await asyncio.sleep(5)
-            await session.close()
-    except TimeoutError:
+        await asyncio.wait_for(handler(), 0.1)
+    except asyncio.TimeoutError:
         pass
 """
 
