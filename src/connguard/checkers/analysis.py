@@ -1277,8 +1277,27 @@ class FunctionAnalysis:
                 return True
         return False
 
+    def _relevant_names(self) -> set[str]:
+        """Names worth remembering facts about: tested more than once, or copied/flag-assigned.
+        Remembering every tested name multiplies paths without changing any verdict."""
+        counts: dict[str, int] = {}
+        for node in _walk(self.info.node.body):
+            t = type(node)
+            if t is cst.If or t is cst.While or t is cst.IfExp:
+                for inner in _walk(node.test):
+                    if type(inner) is cst.Name:
+                        counts[inner.value] = counts.get(inner.value, 0) + 1
+        relevant = {name for name, n in counts.items() if n > 1}
+        for target, value in self.info.assigns:
+            if type(target) is cst.Name and type(value) in (cst.Name, cst.Comparison, cst.UnaryOperation):
+                relevant.add(target.value)
+                if type(value) is cst.Name:
+                    relevant.add(value.value)
+        return relevant | self.tracked
+
     def run(self) -> None:
         self._track()
+        self.relevant = self._relevant_names()
         start = Path({}, {}, {})
         flow = self.exec_block(self.info.node.body, [start])
         for path in flow.normal + flow.ret:
@@ -1948,7 +1967,7 @@ class FunctionAnalysis:
             name = test.value
             if name in path.held:
                 return path if outcome else None
-            if name not in ("True", "False", "None"):
+            if name not in ("True", "False", "None") and name in self.relevant:
                 path.consts[name] = outcome if outcome is False else path.consts.get(name, True) or True
                 if outcome is False:
                     path.consts[name] = False
@@ -1969,8 +1988,9 @@ class FunctionAnalysis:
                 name = test.left.value
                 if name in path.held:
                     return None if is_none else path
-                path.consts[name] = None if is_none else "notnone"
-                self._same(path, name)
+                if name in self.relevant:
+                    path.consts[name] = None if is_none else "notnone"
+                    self._same(path, name)
             return path
         if t is cst.BooleanOperation:
             is_and = type(test.operator) is cst.And
