@@ -401,3 +401,36 @@ def test_an_internal_error_is_one_line_per_file_exit_2_and_never_a_traceback(tmp
     )
     assert "b.py" not in result.stdout
     assert "1 internal error(s)" in result.stderr
+
+
+def test_each_file_gets_its_nearest_pyproject(tmp_path):
+    """A monorepo: the root's settings and a subproject's own, in one run (pre-commit runs
+    from the root with files of every subproject)."""
+    write(
+        tmp_path,
+        {
+            "pyproject.toml": '[tool.connguard]\nexclude = ["vendored/"]\n',
+            "svc_a/pyproject.toml": (
+                '[tool.connguard]\nper-file-ignores = { "legacy/*" = ["CG101"] }\n'
+            ),
+            "svc_a/legacy/old.py": LEAK,
+            "svc_a/new.py": LEAK,
+            "svc_b/pyproject.toml": '[tool.connguard]\nexclude = ["gen/"]\n',
+            "svc_b/gen/models.py": LEAK,
+            "svc_b/api.py": LEAK,
+            "vendored/lib.py": LEAK,
+        },
+    )
+    result = run(".", "--select", "CG101", cwd=tmp_path)
+    assert {p for p, _, _ in codes_at(result.stdout)} == {"svc_a/new.py", "svc_b/api.py"}
+    # the command line still has the last word over every subproject
+    ignored = run(".", "--ignore", "CG101", "--select", "CG101", cwd=tmp_path)
+    assert ignored.stdout == ""
+    # an explicit --config is one config for every file
+    one = run("--config", "pyproject.toml", "--select", "CG101", ".", cwd=tmp_path)
+    assert {p for p, _, _ in codes_at(one.stdout)} == {
+        "svc_a/new.py",
+        "svc_a/legacy/old.py",
+        "svc_b/api.py",
+        "svc_b/gen/models.py",
+    }

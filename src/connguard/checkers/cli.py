@@ -11,6 +11,7 @@ from pathlib import Path
 from connguard.checkers.config import (
     Config,
     ConfigError,
+    Selection,
     config_from_table,
     load_config,
     parse_codes,
@@ -128,7 +129,9 @@ def explain(code: str) -> str:
 
 
 # -- configuration ------------------------------------------------------------------------
-def _load(args: argparse.Namespace) -> Config:
+def _load(args: argparse.Namespace) -> tuple[Config, Selection | None]:
+    """The run's config (discovery, stdin) and, unless --config fixes one config for all, the
+    command line's selection to lay over each file's nearest pyproject.toml."""
     if args.config:
         path = Path(args.config)
         from connguard.checkers.config import _load_toml
@@ -144,12 +147,21 @@ def _load(args: argparse.Namespace) -> Config:
     def codes(value: str | None, flag: str) -> frozenset[str] | None:
         return None if value is None else parse_codes(value, flag)
 
-    return config.with_selection(
+    selection = Selection(
         select=codes(args.select, "--select"),
         ignore=codes(args.ignore, "--ignore"),
         extend_select=codes(args.extend_select, "--extend-select"),
         extend_ignore=codes(args.extend_ignore, "--extend-ignore"),
     )
+    return selection.apply(config), (None if args.config else selection)
+
+
+def _config_of(path: str, config: Config, selection: Selection | None) -> Config:
+    from connguard.checkers import engine
+
+    if selection is None or path == "-":
+        return config
+    return engine.file_config(path, selection)
 
 
 def _config_start(args: argparse.Namespace) -> Path:
@@ -188,7 +200,7 @@ def _emit(args: argparse.Namespace, findings: list, successful: bool) -> None:
         stream.write(output.format_statistics(findings))
 
 
-def _run_check(args: argparse.Namespace, config: Config) -> int:
+def _run_check(args: argparse.Namespace, config: Config, selection: Selection | None) -> int:
     from connguard.checkers import engine
 
     paths = args.paths or ["."]
@@ -198,13 +210,13 @@ def _run_check(args: argparse.Namespace, config: Config) -> int:
         name = args.stdin_filename or "-"
         source = _read_stdin()
         report = engine.Report(files=1, lines=source.count("\n") + 1)
-        for finding in engine.check_source(source, name, config):
+        for finding in engine.check_source(source, name, _config_of(name, config, selection)):
             (report.errors if finding.code == "CG999" else report.findings).append(finding)
     else:
         from connguard.checkers.discovery import PathError
 
         try:
-            report = engine.check_paths(paths, config, jobs=args.jobs)
+            report = engine.check_paths(paths, config, jobs=args.jobs, selection=selection)
         except PathError as exc:
             raise UsageError(str(exc)) from None
     _emit(args, report.all, successful=not report.errors)
@@ -217,7 +229,7 @@ def _run_check(args: argparse.Namespace, config: Config) -> int:
     return report.exit_code(exit_zero=args.exit_zero)
 
 
-def _run_fix(args: argparse.Namespace, config: Config) -> int:
+def _run_fix(args: argparse.Namespace, config: Config, selection: Selection | None) -> int:
     """--fix / --diff: hand each file to the fixer, then report what is left."""
     try:
         from connguard.checkers import fixes
@@ -234,6 +246,7 @@ def _run_fix(args: argparse.Namespace, config: Config) -> int:
             raise UsageError("'-' (stdin) cannot be combined with other paths")
         name = args.stdin_filename or "-"
         source = _read_stdin()
+        config = _config_of(name, config, selection)
         outcome = fixes.fix_source(source, name, config)
         if args.diff:
             sys.stdout.write(fixes.render_diff(source, outcome.source, name))
@@ -249,12 +262,15 @@ def _run_fix(args: argparse.Namespace, config: Config) -> int:
             files = collect_files(list(paths), config)
         except PathError as exc:
             raise UsageError(str(exc)) from None
+        if selection is not None:
+            files = [f for f in files if not engine.file_config(f, selection).is_excluded(f)]
         for path in files:
+            file_config = _config_of(path, config, selection)
             try:
-                outcome = fixes.fix_file(path, config, write=not args.diff)
+                outcome = fixes.fix_file(path, file_config, write=not args.diff)
             except (OSError, ValueError) as exc:
                 declined_lines.append(f"{path}:1:1: not fixed: cannot read: {exc}")
-                remaining += engine.check_file(path, config)
+                remaining += engine.check_file(path, file_config)
                 continue
             if outcome.source != (
                 outcome.original if outcome.original is not None else outcome.source
@@ -266,9 +282,9 @@ def _run_fix(args: argparse.Namespace, config: Config) -> int:
                     )
             declined_lines += [f"{f.text()} (not fixed: {why})" for f, why in outcome.declined]
             if args.diff:
-                remaining += engine.check_source(outcome.source, path, config)
+                remaining += engine.check_source(outcome.source, path, file_config)
             else:
-                remaining += engine.check_file(path, config)
+                remaining += engine.check_file(path, file_config)
     for line in declined_lines:
         print(line, file=sys.stderr)
     verb = "would fix" if args.diff else "fixed"
@@ -296,10 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.explain:
             sys.stdout.write(explain(args.explain))
             return EXIT_CLEAN
-        config = _load(args)
+        from connguard.checkers import engine
+
+        engine.reset_caches()  # main() may run many times in one process (hooks, tests)
+        config, selection = _load(args)
         if args.fix or args.diff:
-            return _run_fix(args, config)
-        return _run_check(args, config)
+            return _run_fix(args, config, selection)
+        return _run_check(args, config, selection)
     except (UsageError, ConfigError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

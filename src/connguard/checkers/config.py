@@ -188,6 +188,21 @@ class Config:
         return bool(spec.match_file(rel))
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The command line's selection, applied on top of each file's own configuration."""
+
+    select: frozenset[str] | None = None
+    ignore: frozenset[str] | None = None
+    extend_select: frozenset[str] | None = None
+    extend_ignore: frozenset[str] | None = None
+
+    def apply(self, config: Config) -> Config:
+        return config.with_selection(
+            self.select, self.ignore, self.extend_select, self.extend_ignore
+        )
+
+
 def _load_toml(path: Path) -> dict[str, Any]:
     if sys.version_info >= (3, 11):
         import tomllib

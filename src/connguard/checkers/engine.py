@@ -20,6 +20,8 @@ from connguard.checkers.config import (
     INTERNAL_ERROR,
     PARSE_ERROR,
     Config,
+    ConfigError,
+    Selection,
     config_from_table,
     find_pyproject,
 )
@@ -130,6 +132,30 @@ def config_for_path(path: str | Path) -> Config:
     """The config that applies to `path` (nearest pyproject.toml), cached per directory."""
     directory = os.path.dirname(os.path.abspath(str(path))) or "."
     return _config_for_dir(directory)
+
+
+_DERIVED: dict[tuple[int, Selection], tuple[Config, Config]] = {}
+
+
+def reset_caches() -> None:
+    """Forget configs, resolvers and module summaries: a run starts from what is on disk.
+    (Within a process they are kept; a long-lived caller that edits files calls this.)"""
+    _config_for_dir.cache_clear()
+    _CONFIGS.clear()
+    _DERIVED.clear()
+    _RESOLVERS.clear()
+
+
+def file_config(path: str | Path, selection: Selection) -> Config:
+    """The nearest pyproject.toml's config for `path` with the command line's selection on
+    top; one object per (pyproject, selection), so files of one project share a resolver."""
+    base = config_for_path(path)
+    key = (id(base), selection)
+    entry = _DERIVED.get(key)
+    if entry is None or entry[0] is not base:
+        entry = (base, selection.apply(base))
+        _DERIVED[key] = entry
+    return entry[1]
 
 
 # -- one file -----------------------------------------------------------------------------
@@ -331,19 +357,31 @@ def _check_one(path: str, config: Config) -> tuple[list[Finding], int]:
 
 # -- many files ---------------------------------------------------------------------------
 _WORKER_CONFIG: Config | None = None
+_WORKER_SELECTION: Selection | None = None
 
 
-def _worker_init(config: Config) -> None:
-    global _WORKER_CONFIG
-    _WORKER_CONFIG = config
+def _worker_init(config: Config, selection: Selection | None) -> None:
+    global _WORKER_CONFIG, _WORKER_SELECTION
+    _WORKER_CONFIG, _WORKER_SELECTION = config, selection
+
+
+def _check_guarded(
+    path: str, config: Config, selection: Selection | None
+) -> tuple[list[Finding], int]:
+    """One file inside its error boundary; a bad pyproject.toml is a usage error, not ours."""
+    try:
+        if selection is not None:
+            config = file_config(path, selection)
+        return _check_one(path, config)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the boundary holds in workers too
+        return [_internal_error(path, exc)], 0
 
 
 def _worker_check(path: str) -> tuple[list[Finding], int]:
     assert _WORKER_CONFIG is not None
-    try:
-        return _check_one(path, _WORKER_CONFIG)
-    except Exception as exc:  # the boundary holds in workers too
-        return [_internal_error(path, exc)], 0
+    return _check_guarded(path, _WORKER_CONFIG, _WORKER_SELECTION)
 
 
 def default_jobs() -> int:
@@ -353,9 +391,13 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def check_files(files: Sequence[str], config: Config, jobs: int = 1) -> Report:
+def check_files(
+    files: Sequence[str], config: Config, jobs: int = 1, *, selection: Selection | None = None
+) -> Report:
     """Check already-discovered files, in parallel processes when worth it (jobs=0: as many
-    as there are cores, and only for enough source; an explicit jobs > 1 always uses them)."""
+    as there are cores, and only for enough source; an explicit jobs > 1 always uses them).
+    With `selection`, each file gets its nearest pyproject.toml's config plus `selection`
+    (a monorepo's subprojects keep their own settings); without, `config` for every file."""
     auto = jobs <= 0
     jobs = default_jobs() if auto else jobs
     jobs = min(jobs, len(files)) if files else 1
@@ -363,14 +405,9 @@ def check_files(files: Sequence[str], config: Config, jobs: int = 1) -> Report:
         jobs = 1
     results: list[tuple[list[Finding], int]]
     if jobs <= 1:
-        results = []
-        for path in files:
-            try:
-                results.append(_check_one(path, config))
-            except Exception as exc:
-                results.append(([_internal_error(path, exc)], 0))
+        results = [_check_guarded(path, config, selection) for path in files]
     else:
-        results = _run_pool(files, config, jobs)
+        results = _run_pool(files, config, jobs, selection)
     report = Report(files=len(files))
     for findings, lines in results:
         report.lines += lines
@@ -381,7 +418,9 @@ def check_files(files: Sequence[str], config: Config, jobs: int = 1) -> Report:
     return report
 
 
-def _run_pool(files: Sequence[str], config: Config, jobs: int) -> list[tuple[list[Finding], int]]:
+def _run_pool(
+    files: Sequence[str], config: Config, jobs: int, selection: Selection | None
+) -> list[tuple[list[Finding], int]]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -396,7 +435,7 @@ def _run_pool(files: Sequence[str], config: Config, jobs: int) -> list[tuple[lis
     ordered = [files[i] for i in order]
     chunk = max(1, min(16, len(files) // (jobs * 8)))
     with ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_worker_init, initargs=(config,)
+        max_workers=jobs, mp_context=context, initializer=_worker_init, initargs=(config, selection)
     ) as pool:
         outcome = list(pool.map(_worker_check, ordered, chunksize=chunk))
     results: list[tuple[list[Finding], int]] = [([], 0)] * len(files)
@@ -412,9 +451,15 @@ def _size(path: str) -> int:
         return 0
 
 
-def check_paths(paths: Sequence[str], config: Config, jobs: int = 1) -> Report:
+def check_paths(
+    paths: Sequence[str], config: Config, jobs: int = 1, *, selection: Selection | None = None
+) -> Report:
     """Expand `paths` (files and directories) and check every Python file found.
-    Raises discovery.PathError for a path that does not exist."""
+    Raises discovery.PathError for a path that does not exist. With `selection`, see
+    check_files; a subproject's `exclude` then applies to its own files as well."""
     from connguard.checkers.discovery import collect_files
 
-    return check_files(collect_files(list(paths), config), config, jobs)
+    files = collect_files(list(paths), config)
+    if selection is not None:
+        files = [f for f in files if not file_config(f, selection).is_excluded(f)]
+    return check_files(files, config, jobs, selection=selection)
