@@ -7,12 +7,11 @@ without marks must be clean.
 from __future__ import annotations
 
 import pytest
+from test_rules import expected_marks
 
 from connguard.checkers.analysis import check_module, module_factories
 from connguard.checkers.resources import DEFAULT_TABLE, ResourceSpec
 from connguard.checkers.rules import RULES
-
-from test_rules import expected_marks
 
 PRE = """\
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -22,25 +21,29 @@ AsyncSessionLocal = async_sessionmaker(engine, expire_on_commit=False)
 """
 
 PATTERNS: dict[str, str] = {
-    "01-canonical-leak": PRE + """
+    "01-canonical-leak": PRE
+    + """
 async def list_agents(q):
     session = AsyncSessionLocal()  # CG101
     result = await session.execute(q)
     return result.scalars().all()
 """,
-    "02-async-with": PRE + """
+    "02-async-with": PRE
+    + """
 async def list_agents(q):
     async with AsyncSessionLocal() as session:
         return (await session.execute(q)).scalars().all()
 """,
-    "03-happy-path-close": PRE + """
+    "03-happy-path-close": PRE
+    + """
 async def list_agents(q):
     session = AsyncSessionLocal()  # CG102
     result = await session.execute(q)
     await session.close()
     return result.scalars().all()
 """,
-    "04-try-finally": PRE + """
+    "04-try-finally": PRE
+    + """
 async def list_agents(q):
     session = AsyncSessionLocal()
     try:
@@ -48,7 +51,8 @@ async def list_agents(q):
     finally:
         await session.close()
 """,
-    "05-none-guarded-finally": PRE + """
+    "05-none-guarded-finally": PRE
+    + """
 async def list_agents(q):
     session = None
     try:
@@ -58,7 +62,8 @@ async def list_agents(q):
         if session is not None:
             await session.close()
 """,
-    "06-inverted-guard": PRE + """
+    "06-inverted-guard": PRE
+    + """
 async def list_agents(q):
     session = None
     try:
@@ -68,25 +73,30 @@ async def list_agents(q):
         if session is None:
             await session.close()
 """,
-    "07-helper-factory": PRE + """
+    "07-helper-factory": PRE
+    + """
 def make():
     return AsyncSessionLocal()
 """,
-    "08-configure-and-return": PRE + """
+    "08-configure-and-return": PRE
+    + """
 def make():
     s = AsyncSessionLocal()
     s.info["k"] = "v"
     return s
 """,
-    "09-consumed-inside-return": PRE + """
+    "09-consumed-inside-return": PRE
+    + """
 async def rows(q):
     return (await AsyncSessionLocal().execute(q)).scalars().all()  # CG101
 """,
-    "10-consumed-bare": PRE + """
+    "10-consumed-bare": PRE
+    + """
 async def touch(q):
     await AsyncSessionLocal().execute(q)  # CG101
 """,
-    "11-caller-of-user-factory": PRE + """
+    "11-caller-of-user-factory": PRE
+    + """
 def make():
     return AsyncSessionLocal()
 
@@ -94,7 +104,8 @@ async def use(q):
     s = make()  # CG101
     return await s.execute(q)
 """,
-    "12-dependency-returns": PRE + """
+    "12-dependency-returns": PRE
+    + """
 from fastapi import Depends, FastAPI
 
 app = FastAPI()
@@ -106,7 +117,8 @@ def get_db():
 async def items(db: AsyncSession = Depends(get_db)):
     return []
 """,
-    "13-dependency-yield-finally": PRE + """
+    "13-dependency-yield-finally": PRE
+    + """
 from fastapi import Depends
 
 async def get_db():
@@ -119,7 +131,8 @@ async def get_db():
 async def items(db=Depends(get_db)):
     return []
 """,
-    "14-dependency-async-with": PRE + """
+    "14-dependency-async-with": PRE
+    + """
 from fastapi import Depends
 
 async def get_db():
@@ -129,7 +142,8 @@ async def get_db():
 async def items(db=Depends(get_db)):
     return []
 """,
-    "15-dependency-close-after-yield": PRE + """
+    "15-dependency-close-after-yield": PRE
+    + """
 from fastapi import Depends
 
 async def get_db():
@@ -140,7 +154,8 @@ async def get_db():
 async def items(db=Depends(get_db)):
     return []
 """,
-    "16-asynccontextmanager": PRE + """
+    "16-asynccontextmanager": PRE
+    + """
 from contextlib import asynccontextmanager
 
 @asynccontextmanager
@@ -165,7 +180,8 @@ def scope():
     finally:
         s.close()
 """,
-    "18-stored-on-self-released": PRE + """
+    "18-stored-on-self-released": PRE
+    + """
 class Repo:
     def __init__(self):
         self.session = AsyncSessionLocal()
@@ -173,7 +189,8 @@ class Repo:
     async def close(self):
         await self.session.close()
 """,
-    "19-stored-on-self-never-released": PRE + """
+    "19-stored-on-self-never-released": PRE
+    + """
 class Repo:
     def __init__(self):
         self.session = AsyncSessionLocal()  # CG101
@@ -181,7 +198,8 @@ class Repo:
     async def get(self, q):
         return await self.session.execute(q)
 """,
-    "20-aenter-aexit": PRE + """
+    "20-aenter-aexit": PRE
+    + """
 class Unit:
     async def __aenter__(self):
         self.session = AsyncSessionLocal()
@@ -204,7 +222,8 @@ class Unit:
     def __exit__(self, *exc):
         self.session.close()
 """,
-    "22-enter-async-context": PRE + """
+    "22-enter-async-context": PRE
+    + """
 from contextlib import AsyncExitStack
 
 async def run(q):
@@ -223,12 +242,14 @@ async def run(q):
         s = stack.enter_context(SessionLocal())
         return s.execute(q)
 """,
-    "24-stack-parameter": PRE + """
+    "24-stack-parameter": PRE
+    + """
 async def open_session(stack):
     s = await stack.enter_async_context(AsyncSessionLocal())
     return s
 """,
-    "25-push-async-callback": PRE + """
+    "25-push-async-callback": PRE
+    + """
 from contextlib import AsyncExitStack
 
 async def run(q, stack: AsyncExitStack):
@@ -236,18 +257,21 @@ async def run(q, stack: AsyncExitStack):
     stack.push_async_callback(s.close)
     return await s.execute(q)
 """,
-    "26-aclosing": PRE + """
+    "26-aclosing": PRE
+    + """
 from contextlib import aclosing
 
 async def run(q):
     async with aclosing(AsyncSessionLocal()) as s:
         return await s.execute(q)
 """,
-    "27-passed-to-non-owner": PRE + """
+    "27-passed-to-non-owner": PRE
+    + """
 async def run(repo):
     return await repo.list(AsyncSessionLocal())  # CG101
 """,
-    "27b-create-task-sink": PRE + """
+    "27b-create-task-sink": PRE
+    + """
 import asyncio
 
 async def worker(s):
@@ -257,7 +281,8 @@ async def worker(s):
 async def run():
     asyncio.create_task(worker(AsyncSessionLocal()))
 """,
-    "28-appended-to-self-container": PRE + """
+    "28-appended-to-self-container": PRE
+    + """
 class Holder:
     def __init__(self):
         self._sessions = []
@@ -265,13 +290,15 @@ class Holder:
     def add(self):
         self._sessions.append(AsyncSessionLocal())
 """,
-    "29-overwritten": PRE + """
+    "29-overwritten": PRE
+    + """
 async def run(q):
     s = AsyncSessionLocal()  # CG101
     s = AsyncSessionLocal()
     await s.close()
 """,
-    "30-conditional-creation": PRE + """
+    "30-conditional-creation": PRE
+    + """
 async def run(q, flag):
     if flag:
         s = AsyncSessionLocal()
@@ -280,7 +307,8 @@ async def run(q, flag):
     async with s:
         await s.execute(q)
 """,
-    "31-close-in-one-branch": PRE + """
+    "31-close-in-one-branch": PRE
+    + """
 async def run(q):
     s = AsyncSessionLocal()  # CG101
     result = await s.execute(q)
@@ -288,7 +316,8 @@ async def run(q):
         await s.close()
     return result
 """,
-    "32-early-return": PRE + """
+    "32-early-return": PRE
+    + """
 async def run(q, user):
     s = AsyncSessionLocal()  # CG101
     if user is None:
@@ -298,19 +327,22 @@ async def run(q, user):
     finally:
         await s.close()
 """,
-    "33a-del": PRE + """
+    "33a-del": PRE
+    + """
 async def run(q):
     session = AsyncSessionLocal()  # CG101
     await session.execute(q)
     del session
 """,
-    "33b-set-none": PRE + """
+    "33b-set-none": PRE
+    + """
 async def run(q):
     session = AsyncSessionLocal()  # CG101
     await session.execute(q)
     session = None
 """,
-    "34-close-quietly-helper": PRE + """
+    "34-close-quietly-helper": PRE
+    + """
 async def close_quietly(s):
     try:
         await s.close()
@@ -324,7 +356,8 @@ async def run(q):
     finally:
         await close_quietly(s)
 """,
-    "35-cleanup-on-failure-factory": PRE + """
+    "35-cleanup-on-failure-factory": PRE
+    + """
 async def make(q):
     s = AsyncSessionLocal()
     try:
@@ -334,7 +367,8 @@ async def make(q):
         raise
     return s
 """,
-    "36-close-only-in-except": PRE + """
+    "36-close-only-in-except": PRE
+    + """
 async def run(q):
     s = AsyncSessionLocal()  # CG101
     try:
@@ -343,21 +377,25 @@ async def run(q):
         await s.close()
         raise
 """,
-    "37-loop-no-close": PRE + """
+    "37-loop-no-close": PRE
+    + """
 async def run(qs):
     for q in qs:
         s = AsyncSessionLocal()  # CG101
         await s.execute(q)
 """,
-    "38-comprehension-in-return": PRE + """
+    "38-comprehension-in-return": PRE
+    + """
 async def run(qs):
     return [await AsyncSessionLocal().execute(q) for q in qs]  # CG101
 """,
-    "39-immediate-release": PRE + """
+    "39-immediate-release": PRE
+    + """
 async def run():
     await AsyncSessionLocal().close()
 """,
-    "40-close-not-awaited": PRE + """
+    "40-close-not-awaited": PRE
+    + """
 async def run(q):
     session = AsyncSessionLocal()  # CG103
     try:
@@ -365,28 +403,33 @@ async def run(q):
     finally:
         session.close()
 """,
-    "41-sync-with-on-async": PRE + """
+    "41-sync-with-on-async": PRE
+    + """
 async def run(q):
     with AsyncSessionLocal() as s:  # CG104
         return await s.execute(q)
 """,
-    "42-begin-only": PRE + """
+    "42-begin-only": PRE
+    + """
 async def run(item):
     session = AsyncSessionLocal()  # CG105
     async with session.begin():
         session.add(item)
 """,
-    "43-maker-begin": PRE + """
+    "43-maker-begin": PRE
+    + """
 async def run(item):
     async with AsyncSessionLocal.begin() as s:
         s.add(item)
 """,
-    "44a-engine-connect-leak": PRE + """
+    "44a-engine-connect-leak": PRE
+    + """
 async def run(q):
     conn = await engine.connect()  # CG101
     return await conn.execute(q)
 """,
-    "44b-engine-connect-with": PRE + """
+    "44b-engine-connect-with": PRE
+    + """
 async def run(q):
     async with engine.connect() as conn:
         return await conn.execute(q)
@@ -426,7 +469,8 @@ async def run(pool: asyncpg.Pool):
     finally:
         await pool.release(conn)
 """,
-    "46a-scoped-remove-in-finally": PRE + """
+    "46a-scoped-remove-in-finally": PRE
+    + """
 from asyncio import current_task
 from sqlalchemy.ext.asyncio import async_scoped_session
 
@@ -439,7 +483,8 @@ async def run(q):
     finally:
         await Session.remove()
 """,
-    "46b-scoped-remove-not-in-finally": PRE + """
+    "46b-scoped-remove-not-in-finally": PRE
+    + """
 from asyncio import current_task
 from sqlalchemy.ext.asyncio import async_scoped_session
 
@@ -451,13 +496,15 @@ async def run(q):
     await Session.remove()
     return result
 """,
-    "47-module-level-session": PRE + """
+    "47-module-level-session": PRE
+    + """
 session = AsyncSessionLocal()  # CG108
 
 async def items(q):
     return (await session.execute(q)).all()
 """,
-    "48-trio-unshielded": PRE + """
+    "48-trio-unshielded": PRE
+    + """
 import trio
 
 async def run(q):
@@ -467,12 +514,14 @@ async def run(q):
     finally:
         await s.close()
 """,
-    "49-class-constructor": PRE + """
+    "49-class-constructor": PRE
+    + """
 async def run(q):
     s = AsyncSession(engine)  # CG101
     return await s.execute(q)
 """,
-    "50-alias-then-close": PRE + """
+    "50-alias-then-close": PRE
+    + """
 async def run(q):
     s = AsyncSessionLocal()
     s2 = s
@@ -485,13 +534,15 @@ async def run(q):
 
 # The issue-2 "Not flagged" / "Flagged" bullets beyond the patterns above.
 BULLETS: dict[str, str] = {
-    "multi-item-async-with": PRE + """
+    "multi-item-async-with": PRE
+    + """
 async def run(q):
     async with AsyncSessionLocal() as a, AsyncSessionLocal() as b:
         await a.execute(q)
         await b.execute(q)
 """,
-    "parenthesised-async-with": PRE + """
+    "parenthesised-async-with": PRE
+    + """
 async def run(q):
     async with (
         AsyncSessionLocal() as a,
@@ -499,12 +550,14 @@ async def run(q):
     ):
         await a.execute(q)
 """,
-    "maker-begin-bare": PRE + """
+    "maker-begin-bare": PRE
+    + """
 async def run(q):
     async with AsyncSessionLocal.begin():
         pass
 """,
-    "release-aclose-dispose-release-aexit": PRE + """
+    "release-aclose-dispose-release-aexit": PRE
+    + """
 import asyncpg
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -534,7 +587,8 @@ async def c(dsn):
     finally:
         await pool.close()
 """,
-    "fixture-yield-finally": PRE + """
+    "fixture-yield-finally": PRE
+    + """
 import pytest
 
 @pytest.fixture
@@ -555,7 +609,8 @@ class Db:
     async def shutdown(self):
         await self.pool.close()
 """,
-    "appended-released-in-finally": PRE + """
+    "appended-released-in-finally": PRE
+    + """
 async def run(qs):
     sessions = []
     try:
@@ -565,7 +620,8 @@ async def run(qs):
         for s in sessions:
             await s.close()
 """,
-    "parameter-shadows-factory": PRE + """
+    "parameter-shadows-factory": PRE
+    + """
 async def run(AsyncSessionLocal, q):
     s = AsyncSessionLocal()
     return await s.execute(q)
@@ -575,14 +631,16 @@ async def local(q):
     s = AsyncSessionLocal()
     return s
 """,
-    "close-last-statement-awaited-work-before": PRE + """
+    "close-last-statement-awaited-work-before": PRE
+    + """
 async def run(q):
     s = AsyncSessionLocal()  # CG102
     await s.execute(q)
     await s.commit()
     await s.close()
 """,
-    "anext-dependency-never-finished": PRE + """
+    "anext-dependency-never-finished": PRE
+    + """
 async def get_db():
     async with AsyncSessionLocal() as s:
         yield s
@@ -612,7 +670,8 @@ class Db:
         async with self.pool.acquire() as conn:
             return await conn.fetch("select 1")
 """,
-    "begin-awaited-taken-for-close": PRE + """
+    "begin-awaited-taken-for-close": PRE
+    + """
 async def run(item):
     s = AsyncSessionLocal()  # CG105
     s.add(item)
@@ -635,7 +694,8 @@ async def run(engine, q):
     s = S(engine)  # CG101
     return await s.execute(q)
 """,
-    "aliased-maker": PRE + """
+    "aliased-maker": PRE
+    + """
 Maker = AsyncSessionLocal
 
 async def run(q):
@@ -728,7 +788,8 @@ async def run(dsn):
     conn = await asyncpg.connect(dsn)  # CG101
     return await conn.fetch("select 1")
 """,
-    "wrapper-alias": PRE + """
+    "wrapper-alias": PRE
+    + """
 class UserRepository:
     def __init__(self, session):
         self.session = session
@@ -780,7 +841,8 @@ def reap(url):
     with eng.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("select 1")
 """,
-    "annotated-dependency": PRE + """
+    "annotated-dependency": PRE
+    + """
 from typing import Annotated
 from fastapi import Depends
 
@@ -789,7 +851,8 @@ def get_db():
 
 SessionDep = Annotated[AsyncSession, Depends(get_db)]
 """,
-    "background-task-owns": PRE + """
+    "background-task-owns": PRE
+    + """
 async def endpoint(background_tasks, process):
     session = AsyncSessionLocal()
     background_tasks.add_task(process, session)
@@ -811,7 +874,8 @@ async def init_db():
     async with engine.begin() as conn:
         await conn.exec_driver_sql("select 1")
 """,
-    "logging-before-try": PRE + """
+    "logging-before-try": PRE
+    + """
 import logging
 
 logger = logging.getLogger(__name__)
@@ -824,7 +888,8 @@ async def get_db():
     finally:
         await db.close()
 """,
-    "optional-session-parameter": PRE + """
+    "optional-session-parameter": PRE
+    + """
 async def seed(db=None):
     db_session = db
     if db_session is None:
@@ -850,7 +915,8 @@ async def check(url, setup):
     except Exception:
         return False
 """,
-    "session-or-fresh": PRE + """
+    "session-or-fresh": PRE
+    + """
 async def seed(db=None):
     db_session = db or AsyncSessionLocal()
     try:
@@ -899,7 +965,8 @@ def handed_over(url):
     maker = async_sessionmaker(engine)
     return maker
 """,
-    "close-all-sessions": PRE + """
+    "close-all-sessions": PRE
+    + """
 from sqlalchemy.ext.asyncio import close_all_sessions
 
 async def test_close_all():
@@ -967,7 +1034,8 @@ async def ok(dsn):
     finally:
         await asyncio.wait_for(conn.close(), timeout=5)
 """,
-    "class-attribute-maker": PRE + """
+    "class-attribute-maker": PRE
+    + """
 class Repo:
     maker = AsyncSessionLocal
 
@@ -975,7 +1043,8 @@ class Repo:
         s = self.maker()  # CG101
         return await s.execute(q)
 """,
-    "main-block-is-not-shared": PRE + """
+    "main-block-is-not-shared": PRE
+    + """
 import asyncio
 
 if __name__ == "__main__":
@@ -1031,23 +1100,30 @@ def test_seed_outage_message_and_position() -> None:
 
     class Resolver:
         def resolve(self, module: str, name: str) -> ResourceSpec | None:
-            db = "from sqlalchemy.ext.asyncio import async_sessionmaker\nAsyncSessionLocal = async_sessionmaker()\n"
+            db = (
+                "from sqlalchemy.ext.asyncio import async_sessionmaker\n"
+                "AsyncSessionLocal = async_sessionmaker()\n"
+            )
             return module_factories(db).get(name) if module == "app.db" else None
 
     found = check_module(source, "app/routes/agents.py", table=DEFAULT_TABLE, imports=Resolver())
     assert [f.text() for f in found] == [
-        'app/routes/agents.py:3:15: CG101 AsyncSession created here is never closed; '
+        "app/routes/agents.py:3:15: CG101 AsyncSession created here is never closed; "
         'use "async with AsyncSessionLocal() as session:"'
     ]
 
 
 def test_without_resolver_project_imports_are_unknown() -> None:
-    source = "from app.db import AsyncSessionLocal\nasync def f():\n    s = AsyncSessionLocal()\n"
+    source = "from app.db import AsyncSessionLocal\nasync def f():\n    s = AsyncSessionLocal()\n"  # noqa: E501
     assert run(source) == set()
 
 
 def test_module_factories_exports_makers_factories_and_engines() -> None:
-    source = PRE + "\ndef make():\n    return AsyncSessionLocal()\n\nasync def amake():\n    return AsyncSession(engine)\n"
+    source = (
+        PRE
+        + "\ndef make():\n    return AsyncSessionLocal()\n"
+        + "\nasync def amake():\n    return AsyncSession(engine)\n"
+    )
     exported = module_factories(source)
     assert set(exported) >= {"AsyncSessionLocal", "make", "amake", "engine"}
     assert exported["AsyncSessionLocal"].call.name == "AsyncSession"
@@ -1057,7 +1133,12 @@ def test_module_factories_exports_makers_factories_and_engines() -> None:
 
 
 def test_relative_import_resolved_with_module_name() -> None:
-    source = "from .session import Session\ndef f(q):\n    s = Session()  # CG101\n    return s.execute(q)\n"
+    source = """
+from .session import Session
+def f(q):
+    s = Session()  # CG101
+    return s.execute(q)
+"""
     assert run(source, module_name="sqlalchemy.orm.scoping") == expected_marks(source)
     assert run(source, module_name="myapp.orm.scoping") == set()
 
@@ -1074,7 +1155,7 @@ def test_end_position_is_exclusive_one_based() -> None:
     assert line[finding.col - 1 : finding.end_col - 1] == "AsyncSessionLocal()"
 
 
-TRICKY = '''
+TRICKY = """
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -1126,7 +1207,7 @@ async def with_tuple_targets(dsn):
     [p, q] = await asyncpg.connect(dsn), 1
     async with await asyncpg.connect(dsn) as (x, y):
         pass
-'''
+"""
 
 
 def test_tricky_syntax_does_not_crash() -> None:
@@ -1136,7 +1217,11 @@ def test_tricky_syntax_does_not_crash() -> None:
 def test_deeply_nested_expression_does_not_crash() -> None:
     source = (
         "from sqlalchemy.ext.asyncio import AsyncSession\n"
-        "async def f(e):\n    s = AsyncSession(e)\n    x = " + "(" * 120 + "s" + ")" * 120 + "\n    return x\n"
+        "async def f(e):\n    s = AsyncSession(e)\n    x = "
+        + "(" * 120
+        + "s"
+        + ")" * 120
+        + "\n    return x\n"
     )
     assert check_module(source, "deep.py") == []
 
@@ -1157,16 +1242,41 @@ class _ProjectResolver:
         return None
 
 
-@pytest.mark.parametrize(
-    "source",
-    [
-        "from app.db import AsyncSessionLocal\nasync def f(q):\n    s = AsyncSessionLocal()  # CG101\n    return await s.execute(q)\n",
-        "from app import db\nasync def f(q):\n    s = db.AsyncSessionLocal()  # CG101\n    return await s.execute(q)\n",
-        "import app.db as db\nasync def f(q):\n    s = db.make_session()  # CG101\n    return await s.execute(q)\n",
-        "from app.db import engine\nasync def f(q):\n    conn = await engine.connect()  # CG101\n    return await conn.execute(q)\n",
-        "from app.db import AsyncSessionLocal as S\nasync def f(q):\n    async with S() as s:\n        return await s.execute(q)\n",
-    ],
-)
+_CROSS_MODULE = [
+    """
+from app.db import AsyncSessionLocal
+async def f(q):
+    s = AsyncSessionLocal()  # CG101
+    return await s.execute(q)
+""",
+    """
+from app import db
+async def f(q):
+    s = db.AsyncSessionLocal()  # CG101
+    return await s.execute(q)
+""",
+    """
+import app.db as db
+async def f(q):
+    s = db.make_session()  # CG101
+    return await s.execute(q)
+""",
+    """
+from app.db import engine
+async def f(q):
+    conn = await engine.connect()  # CG101
+    return await conn.execute(q)
+""",
+    """
+from app.db import AsyncSessionLocal as S
+async def f(q):
+    async with S() as s:
+        return await s.execute(q)
+""",
+]
+
+
+@pytest.mark.parametrize("source", _CROSS_MODULE)
 def test_cross_module_makers_and_factories(source: str) -> None:
     assert run(source, imports=_ProjectResolver()) == expected_marks(source)
 

@@ -37,12 +37,16 @@ _VALID = [(code, i, s) for code, rule in RULES.items() for i, s in enumerate(rul
 _INVALID = [(code, i, s) for code, rule in RULES.items() for i, s in enumerate(rule.INVALID)]
 
 
-@pytest.mark.parametrize(("code", "index", "source"), _VALID, ids=[f"{c}-valid-{i}" for c, i, _ in _VALID])
+@pytest.mark.parametrize(
+    ("code", "index", "source"), _VALID, ids=[f"{c}-valid-{i}" for c, i, _ in _VALID]
+)
 def test_valid_examples_are_clean(code: str, index: int, source: str) -> None:
     assert findings(source) == set()
 
 
-@pytest.mark.parametrize(("code", "index", "source"), _INVALID, ids=[f"{c}-invalid-{i}" for c, i, _ in _INVALID])
+@pytest.mark.parametrize(
+    ("code", "index", "source"), _INVALID, ids=[f"{c}-invalid-{i}" for c, i, _ in _INVALID]
+)
 def test_invalid_examples_flag_exactly_the_marked_lines(code: str, index: int, source: str) -> None:
     marks = expected_marks(source)
     assert any(c == code for _, c in marks), "an INVALID example must mark its own rule's code"

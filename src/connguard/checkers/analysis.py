@@ -27,10 +27,35 @@ from .resources import DEFAULT_TABLE, FactoryTable, ResourceSpec
 # cost several times more than the parse budget allows).
 
 _SKIP_FIELD_PREFIXES = (
-    "whitespace", "lpar", "rpar", "comma", "semicolon", "colon", "equal", "dot", "star",
-    "lbracket", "rbracket", "lbrace", "rbrace", "operator", "asynchronous", "header", "footer",
-    "leading_lines", "lines_after_decorators", "newline", "first_line", "trailing_whitespace",
-    "empty_lines", "indent", "quote", "prefix", "between", "relative", "semicolon",
+    "whitespace",
+    "lpar",
+    "rpar",
+    "comma",
+    "semicolon",
+    "colon",
+    "equal",
+    "dot",
+    "star",
+    "lbracket",
+    "rbracket",
+    "lbrace",
+    "rbrace",
+    "operator",
+    "asynchronous",
+    "header",
+    "footer",
+    "leading_lines",
+    "lines_after_decorators",
+    "newline",
+    "first_line",
+    "trailing_whitespace",
+    "empty_lines",
+    "indent",
+    "quote",
+    "prefix",
+    "between",
+    "relative",
+    "semicolon",
 )
 _FIELDS: dict[type, tuple[str, ...]] = {}
 _NODE = cst.CSTNode
@@ -118,11 +143,27 @@ def _stmts(body: cst.BaseSuite | cst.CSTNode) -> Iterable[cst.CSTNode]:
             yield stmt
 
 
-_GENERIC_RELEASE = frozenset({
-    "close", "aclose", "dispose", "release", "terminate", "wait_closed", "remove", "shutdown",
-    "disconnect", "ensure_closed", "__aexit__", "__exit__", "putconn", "invalidate", "stop",
-    "cleanup", "expunge_all",
-})
+_GENERIC_RELEASE = frozenset(
+    {
+        "close",
+        "aclose",
+        "dispose",
+        "release",
+        "terminate",
+        "wait_closed",
+        "remove",
+        "shutdown",
+        "disconnect",
+        "ensure_closed",
+        "__aexit__",
+        "__exit__",
+        "putconn",
+        "invalidate",
+        "stop",
+        "cleanup",
+        "expunge_all",
+    }
+)
 _STDLIB = frozenset(getattr(sys, "stdlib_module_names", ()))
 
 
@@ -210,7 +251,9 @@ def module_factories(
 # Positions, computed only for modules that have something to report.
 
 
-def _to_findings(module: cst.Module, path: str, reports: list[tuple[str, cst.CSTNode, str]]) -> list[Finding]:
+def _to_findings(
+    module: cst.Module, path: str, reports: list[tuple[str, cst.CSTNode, str]]
+) -> list[Finding]:
     from libcst.metadata import MetadataWrapper, PositionProvider
 
     wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
@@ -223,8 +266,17 @@ def _to_findings(module: cst.Module, path: str, reports: list[tuple[str, cst.CST
         rng = positions.get(node)
         if rng is None:
             continue
-        findings.append(Finding(path, rng.start.line, rng.start.column + 1, code, message,
-                                rng.end.line, rng.end.column + 1))
+        findings.append(
+            Finding(
+                path,
+                rng.start.line,
+                rng.start.column + 1,
+                code,
+                message,
+                rng.end.line,
+                rng.end.column + 1,
+            )
+        )
     findings.sort()
     return findings
 
@@ -301,8 +353,14 @@ class FunctionInfo:
 
 
 class ModuleAnalysis:
-    def __init__(self, module: cst.Module, table: FactoryTable, resolver: ImportResolver | None,
-                 module_name: str | None, path: str) -> None:
+    def __init__(
+        self,
+        module: cst.Module,
+        table: FactoryTable,
+        resolver: ImportResolver | None,
+        module_name: str | None,
+        path: str,
+    ) -> None:
         self.module = module
         self.table = table
         self.resolver = resolver
@@ -311,7 +369,9 @@ class ModuleAnalysis:
         self.roots = table.roots
         self.imports: dict[str, str] = {}  # local name -> qualified name
         self.from_imports: dict[str, tuple[str, str]] = {}  # local -> (module, name) for resolver
-        self.bindings: dict[str, ResourceSpec] = {}  # module-level names bound to makers/engines/...
+        self.bindings: dict[
+            str, ResourceSpec
+        ] = {}  # module-level names bound to makers/engines/...
         self.defined: set[str] = set()  # names bound by def/class at module level
         self.functions: list[FunctionInfo] = []
         self.module_functions: dict[str, FunctionInfo] = {}
@@ -331,7 +391,11 @@ class ModuleAnalysis:
         for stmt in self.module.body:
             if type(stmt) is cst.SimpleStatementLine:
                 for node in _walk(stmt):
-                    if type(node) is cst.Call and _last_name(node.func) in ("Depends", "Security") and node.args:
+                    if (
+                        type(node) is cst.Call
+                        and _last_name(node.func) in ("Depends", "Security")
+                        and node.args
+                    ):
                         name = dotted(node.args[0].value)
                         if name is not None and len(name) == 1:
                             self.depends.add(name[0])
@@ -348,11 +412,15 @@ class ModuleAnalysis:
                     elif ts is cst.Assign or ts is cst.AnnAssign:
                         if small.value is not None:
                             targets = (
-                                [t_.target for t_ in small.targets] if ts is cst.Assign else [small.target]
+                                [t_.target for t_ in small.targets]
+                                if ts is cst.Assign
+                                else [small.target]
                             )
                             for target in targets:
                                 if type(target) is cst.Name:
-                                    self.module_assigns.append((small, small.value, target.value, cls))
+                                    self.module_assigns.append(
+                                        (small, small.value, target.value, cls)
+                                    )
             elif t is cst.FunctionDef:
                 info = self._function(stmt, cls, None)
                 if cls is None:
@@ -365,8 +433,17 @@ class ModuleAnalysis:
                 if cls is None:
                     self.classes[info.name] = info
                     self.defined.add(info.name)
-                self._collect_block(stmt.body.body if isinstance(stmt.body, cst.IndentedBlock) else (), info)
-            elif t is cst.If or t is cst.Try or t is cst.TryStar or t is cst.With or t is cst.For or t is cst.While:
+                self._collect_block(
+                    stmt.body.body if isinstance(stmt.body, cst.IndentedBlock) else (), info
+                )
+            elif (
+                t is cst.If
+                or t is cst.Try
+                or t is cst.TryStar
+                or t is cst.With
+                or t is cst.For
+                or t is cst.While
+            ):
                 if t is cst.If and cls is None and _is_main_guard(stmt.test):
                     continue  # a script's main block is not shared module state
                 for suite in self._suites(stmt):
@@ -412,8 +489,12 @@ class ModuleAnalysis:
             package = package[: len(package) - (level - 1)]
         return ".".join(package + mod)
 
-    def _import(self, node: cst.Import | cst.ImportFrom, into: dict[str, str] | None = None,
-                from_into: dict[str, tuple[str, str]] | None = None) -> None:
+    def _import(
+        self,
+        node: cst.Import | cst.ImportFrom,
+        into: dict[str, str] | None = None,
+        from_into: dict[str, tuple[str, str]] | None = None,
+    ) -> None:
         imports = self.imports if into is None else into
         from_imports = self.from_imports if from_into is None else from_into
         if type(node) is cst.Import:
@@ -443,8 +524,12 @@ class ModuleAnalysis:
             imports[local] = f"{module}.{name}" if not module.endswith(".") else module + name
             from_imports[local] = (module, name)
 
-    def _qualified_binding(self, qualified: str, local: str | None,
-                           from_imports: dict[str, tuple[str, str]] | None = None) -> ResourceSpec | None:
+    def _qualified_binding(
+        self,
+        qualified: str,
+        local: str | None,
+        from_imports: dict[str, tuple[str, str]] | None = None,
+    ) -> ResourceSpec | None:
         """What an imported qualified name is: a table factory, a table type, or (through the
         resolver) a project maker or factory."""
         if qualified in self._resolved:
@@ -490,13 +575,18 @@ class ModuleAnalysis:
             return None
         return self._import_binding(parts, self.imports, self.from_imports)
 
-    def _import_binding(self, parts: list[str], imports: dict[str, str],
-                        from_imports: dict[str, tuple[str, str]]) -> ResourceSpec | None:
+    def _import_binding(
+        self, parts: list[str], imports: dict[str, str], from_imports: dict[str, tuple[str, str]]
+    ) -> ResourceSpec | None:
         root = parts[0]
         qualified = imports.get(root)
         if qualified is None:
             return None
-        if qualified.split(".", 1)[0] not in self.roots and root not in from_imports and self.resolver is None:
+        if (
+            qualified.split(".", 1)[0] not in self.roots
+            and root not in from_imports
+            and self.resolver is None
+        ):
             return None
         if len(parts) == 1:
             return self._qualified_binding(qualified, root, from_imports)
@@ -504,7 +594,9 @@ class ModuleAnalysis:
         spec = self.table.lookup(full) if not full.startswith(".") else None
         if spec is not None:
             return callable_of(spec)
-        base = self._qualified_binding(qualified, root, from_imports) if root in from_imports else None
+        base = (
+            self._qualified_binding(qualified, root, from_imports) if root in from_imports else None
+        )
         if base is None:
             # `import pkg.db as db; db.Session()` or `from pkg import db; db.Session()`: ask the
             # resolver about pkg.db's `Session`.
@@ -531,7 +623,9 @@ class ModuleAnalysis:
                 return spec
         return None
 
-    def value_binding(self, expr: cst.BaseExpression, scope: FunctionInfo | None) -> ResourceSpec | None:
+    def value_binding(
+        self, expr: cst.BaseExpression, scope: FunctionInfo | None
+    ) -> ResourceSpec | None:
         """What a value expression evaluates to, as a binding spec (for makers/engines/pools)."""
         expr, awaited = _unwrap_await(expr)
         if type(expr) is cst.Call:
@@ -549,7 +643,9 @@ class ModuleAnalysis:
             return None
         return self.callee_binding(expr, scope)
 
-    def _swap_class(self, call: cst.Call, maker: ResourceSpec, scope: FunctionInfo | None) -> ResourceSpec:
+    def _swap_class(
+        self, call: cst.Call, maker: ResourceSpec, scope: FunctionInfo | None
+    ) -> ResourceSpec:
         chosen = None
         positional = 0
         for arg in call.args:
@@ -566,7 +662,9 @@ class ModuleAnalysis:
             return maker
         return dataclasses.replace(maker, call=klass.call, name=f"{maker.name}({klass.call.name})")
 
-    def callee_binding(self, func: cst.BaseExpression, scope: FunctionInfo | None) -> ResourceSpec | None:
+    def callee_binding(
+        self, func: cst.BaseExpression, scope: FunctionInfo | None
+    ) -> ResourceSpec | None:
         parts = dotted(func)
         if parts is None:
             return None
@@ -610,19 +708,24 @@ class ModuleAnalysis:
                     continue
                 self.bindings.pop(name, None)
                 continue
-            self.bindings[name] = dataclasses.replace(spec, managed=False) if spec.managed and spec.methods else spec
+            self.bindings[name] = (
+                dataclasses.replace(spec, managed=False) if spec.managed and spec.methods else spec
+            )
 
     # ---------------------------------------------------------------- functions
 
-    def _function(self, node: cst.FunctionDef, cls: ClassInfo | None, outer: FunctionInfo | None) -> FunctionInfo:
+    def _function(
+        self, node: cst.FunctionDef, cls: ClassInfo | None, outer: FunctionInfo | None
+    ) -> FunctionInfo:
         decorators = []
         for dec in node.decorators:
             expr = dec.decorator
             if type(expr) is cst.Call:
                 expr = expr.func
             decorators.append(_last_name(expr))
-        info = FunctionInfo(node, node.name.value, cls, outer, tuple(decorators),
-                            node.asynchronous is not None)
+        info = FunctionInfo(
+            node, node.name.value, cls, outer, tuple(decorators), node.asynchronous is not None
+        )
         params = node.params
         for group in (params.posonly_params, params.params, params.kwonly_params):
             for param in group:
@@ -698,13 +801,21 @@ class ModuleAnalysis:
         for d in info.node.decorators:
             # decorators are evaluated in the enclosing scope; Depends may appear in them
             for node in _walk(d.decorator):
-                if type(node) is cst.Call and _last_name(node.func) in ("Depends", "Security") and node.args:
+                if (
+                    type(node) is cst.Call
+                    and _last_name(node.func) in ("Depends", "Security")
+                    and node.args
+                ):
                     name = dotted(node.args[0].value)
                     if name is not None and len(name) == 1:
                         self.depends.add(name[0])
         for default in self._defaults(info.node):
             for node in _walk(default):
-                if type(node) is cst.Call and _last_name(node.func) in ("Depends", "Security") and node.args:
+                if (
+                    type(node) is cst.Call
+                    and _last_name(node.func) in ("Depends", "Security")
+                    and node.args
+                ):
                     name = dotted(node.args[0].value)
                     if name is not None and len(name) == 1:
                         self.depends.add(name[0])
@@ -784,7 +895,9 @@ class ModuleAnalysis:
                 if spec is None:
                     continue
                 if spec.call is not None or spec.methods or spec.cm_methods:
-                    cls.attr_sources.setdefault(target.attr.value, dataclasses.replace(spec, managed=False))
+                    cls.attr_sources.setdefault(
+                        target.attr.value, dataclasses.replace(spec, managed=False)
+                    )
 
     # ---------------------------------------------------------------- factories
 
@@ -807,7 +920,11 @@ class ModuleAnalysis:
         for _ in range(3):
             changed = False
             for target, value in info.assigns:
-                if type(target) is not cst.Name or target.value in fresh or target.value in info.globals:
+                if (
+                    type(target) is not cst.Name
+                    or target.value in fresh
+                    or target.value in info.globals
+                ):
                     continue  # a `global` is a cached singleton, not a fresh resource per call
                 inner, _awaited = _unwrap_await(value)
                 spec = None
@@ -848,7 +965,9 @@ class ModuleAnalysis:
                 product = self._factory_product(info)
                 if product is None:
                     continue
-                if info.decorators and any(d in ("property", "cached_property") for d in info.decorators):
+                if info.decorators and any(
+                    d in ("property", "cached_property") for d in info.decorators
+                ):
                     continue
                 info.product = product
                 changed = True
@@ -896,17 +1015,18 @@ class ModuleAnalysis:
                 ):
                     spec = self.value_binding(value, info)
                     if spec is not None and (spec.methods or spec.call is not None):
-                        self.attr_sources.setdefault(target.attr.value, dataclasses.replace(spec, managed=False))
+                        self.attr_sources.setdefault(
+                            target.attr.value, dataclasses.replace(spec, managed=False)
+                        )
             if not info.globals:
                 continue
             for target, value in info.assigns:
                 if type(target) is cst.Name and target.value in info.globals:
                     spec = self.value_binding(value, info)
                     if spec is not None and (spec.methods or spec.call is not None):
-                        self.bindings.setdefault(target.value, dataclasses.replace(spec, managed=False))
-
-    def _has_candidates(self) -> bool:
-        return bool(self.imports or self.bindings or self.module_functions or self.classes)
+                        self.bindings.setdefault(
+                            target.value, dataclasses.replace(spec, managed=False)
+                        )
 
     def exports(self) -> dict[str, ResourceSpec]:
         self._prepare()
@@ -965,15 +1085,23 @@ class ModuleAnalysis:
 
     def _module_level(self) -> None:
         """Module- and class-level creations are shared by every request (CG108)."""
-        for stmt, value, name, cls in self.module_assigns:
+        for _stmt, value, name, cls in self.module_assigns:
             inner, _ = _unwrap_await(value)
             if type(inner) is not cst.Call:
                 continue
             spec = self._creation_spec(inner, None)
             if spec is None or not spec.is_async or spec.kind not in ("session", "connection"):
                 continue
-            self.fates.append(Fate(spec, inner, "class" if cls is not None else "module",
-                                   name, shared=True, owner_class=cls.name if cls else ""))
+            self.fates.append(
+                Fate(
+                    spec,
+                    inner,
+                    "class" if cls is not None else "module",
+                    name,
+                    shared=True,
+                    owner_class=cls.name if cls else "",
+                )
+            )
 
     # ---------------------------------------------------------------- owner checks
 
@@ -992,9 +1120,11 @@ class ModuleAnalysis:
             if fate.stored_attr in self._released_attrs(cls):
                 continue
             fate.leak_normal = True
-            fate.reason = f'stored on self.{fate.stored_attr}, but {cls.name} never releases it'
-            fate.advice = (f'release it in a close()/aclose()/__aexit__ method of {cls.name} '
-                           f'("self.{fate.stored_attr}.{(fate.spec.release_methods or ("close",))[0]}()")')
+            fate.reason = f"stored on self.{fate.stored_attr}, but {cls.name} never releases it"
+            fate.advice = (
+                f"release it in a close()/aclose()/__aexit__ method of {cls.name} "
+                f'("self.{fate.stored_attr}.{(fate.spec.release_methods or ("close",))[0]}()")'
+            )
 
     def _bases_known(self, cls: ClassInfo, depth: int = 0) -> bool:
         for base in cls.bases:
@@ -1019,13 +1149,21 @@ class ModuleAnalysis:
             self_name = method.self_name or "self"
             aliases: dict[str, str] = {}
             for target, value in method.assigns:
-                if type(value) is cst.Attribute and type(value.value) is cst.Name and value.value.value == self_name:
+                if (
+                    type(value) is cst.Attribute
+                    and type(value.value) is cst.Name
+                    and value.value.value == self_name
+                ):
                     for name in _names_in(target):
                         aliases[name] = value.attr.value
                 elif type(value) is cst.Tuple:
                     for el in value.elements:
                         v = el.value
-                        if type(v) is cst.Attribute and type(v.value) is cst.Name and v.value.value == self_name:
+                        if (
+                            type(v) is cst.Attribute
+                            and type(v.value) is cst.Name
+                            and v.value.value == self_name
+                        ):
                             for name in _names_in(target):
                                 aliases.setdefault(name, v.attr.value)
             for node in _walk(method.node.body, into_scopes=True):
@@ -1042,7 +1180,11 @@ class ModuleAnalysis:
                             elif type(recv) is cst.Name and recv.value in aliases:
                                 released.add(aliases[recv.value])
                     callee = _last_name(func)
-                    if ex.is_release_helper(callee) or ex.is_exit_stack_method(callee) or ex.is_ownership_sink(callee):
+                    if (
+                        ex.is_release_helper(callee)
+                        or ex.is_exit_stack_method(callee)
+                        or ex.is_ownership_sink(callee)
+                    ):
                         for arg in node.args:
                             attr = _self_attr(arg.value, self_name)
                             if attr:
@@ -1054,8 +1196,20 @@ class ModuleAnalysis:
                     attr = _self_attr(item, self_name)
                     if attr:
                         released.add(attr)
-            if method.name in ("close", "aclose", "__aexit__", "__exit__", "shutdown", "dispose",
-                               "disconnect", "stop", "cleanup", "teardown", "__del__", "terminate"):
+            if method.name in (
+                "close",
+                "aclose",
+                "__aexit__",
+                "__exit__",
+                "shutdown",
+                "dispose",
+                "disconnect",
+                "stop",
+                "cleanup",
+                "teardown",
+                "__del__",
+                "terminate",
+            ):
                 for node in _walk(method.node.body, into_scopes=True):
                     if type(node) is cst.Attribute:
                         attr = _self_attr(node, self_name)
@@ -1086,12 +1240,19 @@ def _is_main_guard(test: cst.BaseExpression) -> bool:
         return False
     left = test.left
     right = test.comparisons[0].comparator
-    names = {_last_name(left), getattr(right, "evaluated_value", None) if type(right) is cst.SimpleString else ""}
+    names = {
+        _last_name(left),
+        getattr(right, "evaluated_value", None) if type(right) is cst.SimpleString else "",
+    }
     return "__name__" in names and "__main__" in names
 
 
 def _self_attr(expr: cst.BaseExpression, self_name: str) -> str:
-    if type(expr) is cst.Attribute and type(expr.value) is cst.Name and expr.value.value == self_name:
+    if (
+        type(expr) is cst.Attribute
+        and type(expr.value) is cst.Name
+        and expr.value.value == self_name
+    ):
         return expr.attr.value
     return ""
 
@@ -1127,8 +1288,13 @@ class _GiveUp(Exception):
 class Path:
     __slots__ = ("held", "status", "consts", "exc")
 
-    def __init__(self, held: dict[str, int], status: dict[int, int], consts: dict[str, object],
-                 exc: bool = False):
+    def __init__(
+        self,
+        held: dict[str, int],
+        status: dict[int, int],
+        consts: dict[str, object],
+        exc: bool = False,
+    ):
         self.held = held
         self.status = status
         self.consts = consts
@@ -1138,8 +1304,12 @@ class Path:
         return Path(dict(self.held), dict(self.status), dict(self.consts), self.exc)
 
     def key(self) -> tuple:
-        return (tuple(sorted(self.held.items())), tuple(sorted(self.status.items())),
-                tuple(sorted((k, repr(v)) for k, v in self.consts.items())), self.exc)
+        return (
+            tuple(sorted(self.held.items())),
+            tuple(sorted(self.status.items())),
+            tuple(sorted((k, repr(v)) for k, v in self.consts.items())),
+            self.exc,
+        )
 
     def open_any(self) -> bool:
         for value in self.status.values():
@@ -1182,13 +1352,37 @@ def _dedupe(paths: list[Path]) -> list[Path]:
 class Use:
     """How a value (a fresh resource or a name holding one) is used by its parent expression."""
 
-    __slots__ = ("kind", "awaited", "method", "callee", "outer", "node", "targets", "cond",
-                 "is_async", "index", "keyword", "recv")
+    __slots__ = (
+        "kind",
+        "awaited",
+        "method",
+        "callee",
+        "outer",
+        "node",
+        "targets",
+        "cond",
+        "is_async",
+        "index",
+        "keyword",
+        "recv",
+    )
 
-    def __init__(self, kind: str, *, awaited: bool = False, method: str = "", callee: str = "",
-                 outer: Use | None = None, node: cst.CSTNode | None = None,
-                 targets: tuple = (), cond: bool = False, is_async: bool = False, index: int = -1,
-                 keyword: str = "", recv: cst.CSTNode | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        *,
+        awaited: bool = False,
+        method: str = "",
+        callee: str = "",
+        outer: Use | None = None,
+        node: cst.CSTNode | None = None,
+        targets: tuple = (),
+        cond: bool = False,
+        is_async: bool = False,
+        index: int = -1,
+        keyword: str = "",
+        recv: cst.CSTNode | None = None,
+    ) -> None:
         self.kind = kind
         self.awaited = awaited
         self.method = method
@@ -1203,16 +1397,39 @@ class Use:
         self.recv = recv
 
     def with_await(self) -> Use:
-        use = Use(self.kind, awaited=True, method=self.method, callee=self.callee, outer=self.outer,
-                  node=self.node, targets=self.targets, cond=self.cond, is_async=self.is_async,
-                  index=self.index, keyword=self.keyword, recv=self.recv)
+        use = Use(
+            self.kind,
+            awaited=True,
+            method=self.method,
+            callee=self.callee,
+            outer=self.outer,
+            node=self.node,
+            targets=self.targets,
+            cond=self.cond,
+            is_async=self.is_async,
+            index=self.index,
+            keyword=self.keyword,
+            recv=self.recv,
+        )
         return use
 
     def conditional(self) -> Use:
-        use = self.with_await() if self.awaited else Use(
-            self.kind, method=self.method, callee=self.callee, outer=self.outer, node=self.node,
-            targets=self.targets, is_async=self.is_async, index=self.index, keyword=self.keyword,
-            recv=self.recv)
+        use = (
+            self.with_await()
+            if self.awaited
+            else Use(
+                self.kind,
+                method=self.method,
+                callee=self.callee,
+                outer=self.outer,
+                node=self.node,
+                targets=self.targets,
+                is_async=self.is_async,
+                index=self.index,
+                keyword=self.keyword,
+                recv=self.recv,
+            )
+        )
         use.cond = True
         return use
 
@@ -1263,9 +1480,6 @@ class FunctionAnalysis:
                     tracked.update(names)
             if len(tracked) == before:
                 break
-        for call in self.info.calls:
-            if _last_name(call.func) in ("anext",):
-                pass
 
     def _may_hold(self, value: cst.BaseExpression) -> bool:
         for node in _walk(value):
@@ -1289,7 +1503,11 @@ class FunctionAnalysis:
                         counts[inner.value] = counts.get(inner.value, 0) + 1
         relevant = {name for name, n in counts.items() if n > 1}
         for target, value in self.info.assigns:
-            if type(target) is cst.Name and type(value) in (cst.Name, cst.Comparison, cst.UnaryOperation):
+            if type(target) is cst.Name and type(value) in (
+                cst.Name,
+                cst.Comparison,
+                cst.UnaryOperation,
+            ):
                 relevant.add(target.value)
                 if type(value) is cst.Name:
                     relevant.add(value.value)
@@ -1308,7 +1526,9 @@ class FunctionAnalysis:
                     fate = self.fates[rid]
                     fate.leak_normal = True
                     if not fate.reason:
-                        fate.reason = "not closed on every path" if fate.released else "never closed"
+                        fate.reason = (
+                            "not closed on every path" if fate.released else "never closed"
+                        )
         for path in flow.exc:
             for rid, status in path.status.items():
                 if status == OPEN:
@@ -1333,16 +1553,15 @@ class FunctionAnalysis:
             rid = len(self.rid_of) + 1
             self.rid_of[key] = rid
             self.specs[rid] = spec
-            self.fates[rid] = Fate(spec, node, "function", self.info.name,
-                                   conditional=bool(use and use.cond))
+            self.fates[rid] = Fate(
+                spec, node, "function", self.info.name, conditional=bool(use and use.cond)
+            )
         return rid
 
     def _release(self, path: Path, rid: int) -> None:
         if path.status.get(rid) == OPEN:
             path.status[rid] = CLOSED
         self.fates[rid].released = True
-        if self.in_finally and self.m.uses_trio and not self.shielded:
-            pass
 
     def _escape(self, path: Path, rid: int) -> None:
         if path.status.get(rid) == OPEN:
@@ -1362,7 +1581,9 @@ class FunctionAnalysis:
         fate = self.fates[rid]
         fate.leak_normal = True
         if not fate.reason:
-            fate.reason = "overwritten before it is closed" if overwritten else "deleted without being closed"
+            fate.reason = (
+                "overwritten before it is closed" if overwritten else "deleted without being closed"
+            )
 
     # ---------------------------------------------------------------- events
 
@@ -1409,12 +1630,18 @@ class FunctionAnalysis:
         names: list[str] = []
         stores: list[cst.BaseExpression] = []
         pairwise = False
-        if len(targets) == 1 and type(targets[0]) in (cst.Tuple, cst.List) and type(value) in (cst.Tuple, cst.List):
+        if (
+            len(targets) == 1
+            and type(targets[0]) in (cst.Tuple, cst.List)
+            and type(value) in (cst.Tuple, cst.List)
+        ):
             tel = targets[0].elements
             vel = value.elements
-            if len(tel) == len(vel) and not any(type(e) is cst.StarredElement for e in (*tel, *vel)):
+            if len(tel) == len(vel) and not any(
+                type(e) is cst.StarredElement for e in (*tel, *vel)
+            ):
                 pairwise = True
-                for target_el, value_el in zip(tel, vel):
+                for target_el, value_el in zip(tel, vel, strict=True):
                     self._assign([target_el.value], value_el.value)
                 return
         for target in targets:
@@ -1539,14 +1766,26 @@ class FunctionAnalysis:
             method = func.attr.value
             recv = func.value
             if type(recv) is cst.Name and recv.value in self.tracked:
-                self._ev.append(("name", recv.value, Use("method", method=method, awaited=use.awaited,
-                                                        outer=use, node=call)))
+                self._ev.append(
+                    (
+                        "name",
+                        recv.value,
+                        Use("method", method=method, awaited=use.awaited, outer=use, node=call),
+                    )
+                )
             elif type(recv) is cst.Name:
                 binding = self.m.callee_binding(recv, self.info)
-                if binding is not None and binding.call is not None and binding.call.scoped and method in ("remove", "close"):
+                if (
+                    binding is not None
+                    and binding.call is not None
+                    and binding.call.scoped
+                    and method in ("remove", "close")
+                ):
                     self._ev.append(("registry", method))
             else:
-                self.value(recv, Use("method", method=method, awaited=use.awaited, outer=use, node=call))
+                self.value(
+                    recv, Use("method", method=method, awaited=use.awaited, outer=use, node=call)
+                )
             callee = method
         else:
             callee = _last_name(func)
@@ -1558,7 +1797,12 @@ class FunctionAnalysis:
                     self._ev.append(("gen", inner))
         if ex.is_release_all(callee) and not call.args:
             self._ev.append(("release-all", callee))
-        if callee in ("wait_for", "shield") and use.awaited and call.args and call.args[0].keyword is None:
+        if (
+            callee in ("wait_for", "shield")
+            and use.awaited
+            and call.args
+            and call.args[0].keyword is None
+        ):
             # `conn = await asyncio.wait_for(asyncpg.connect(dsn), 10)`: the awaited result is
             # the connection itself.
             self.value(call.args[0].value, use)
@@ -1568,8 +1812,19 @@ class FunctionAnalysis:
         index = 0
         for arg in call.args:
             keyword = arg.keyword.value if arg.keyword is not None else ""
-            self.value(arg.value, Use("arg", callee=callee, method=method, awaited=use.awaited,
-                                      outer=use, node=call, index=index, keyword=keyword))
+            self.value(
+                arg.value,
+                Use(
+                    "arg",
+                    callee=callee,
+                    method=method,
+                    awaited=use.awaited,
+                    outer=use,
+                    node=call,
+                    index=index,
+                    keyword=keyword,
+                ),
+            )
             if arg.keyword is None and not arg.star:
                 index += 1
 
@@ -1611,7 +1866,9 @@ class FunctionAnalysis:
         method = use.method
         outer = use.outer
         if method in spec.release_async:
-            if use.awaited or (outer is not None and outer.kind in ("arg", "bind", "return", "container", "store")):
+            if use.awaited or (
+                outer is not None and outer.kind in ("arg", "bind", "return", "container", "store")
+            ):
                 return "release", None
             return "unawaited", use.node
         if method in spec.release_sync or method in ("__aexit__", "__exit__"):
@@ -1631,7 +1888,11 @@ class FunctionAnalysis:
                 return "leak", f'used inline by "{method}()" and never closed'
             return "mistaken", method
         if fresh:
-            if not use.awaited and outer is not None and outer.kind in ("bind", "return", "store", "container", "arg", "neutral"):
+            if (
+                not use.awaited
+                and outer is not None
+                and outer.kind in ("bind", "return", "store", "container", "arg", "neutral")
+            ):
                 return "escape", None  # the call's result may keep it (a Query, a wrapper)
             return "leak", f'used inline by "{method}()" and never closed'
         return "use", None
@@ -1667,11 +1928,21 @@ class FunctionAnalysis:
             if outer is not None and outer.kind == "bind" and not use.awaited and outer.targets:
                 return "bind", outer.targets
             return "escape", None
-        if outer is not None and outer.kind == "arg" and (
-            ex.is_ownership_sink(outer.callee) or ex.is_exit_stack_method(outer.method)
+        if (
+            outer is not None
+            and outer.kind == "arg"
+            and (ex.is_ownership_sink(outer.callee) or ex.is_exit_stack_method(outer.method))
         ):
             return "escape", None
-        result_kept = outer is not None and outer.kind in ("bind", "return", "store", "container", "arg", "with", "yield")
+        result_kept = outer is not None and outer.kind in (
+            "bind",
+            "return",
+            "store",
+            "container",
+            "arg",
+            "with",
+            "yield",
+        )
         if summary == "uses":
             if fresh:
                 return "leak", f'passed to "{callee}()", which does not close it'
@@ -1693,12 +1964,18 @@ class FunctionAnalysis:
         target: FunctionInfo | None = None
         if type(func) is cst.Name:
             target = self.m.module_functions.get(func.value)
-        elif type(func) is cst.Attribute and type(func.value) is cst.Name and self.info.cls is not None \
-                and func.value.value == self.info.self_name:
+        elif (
+            type(func) is cst.Attribute
+            and type(func.value) is cst.Name
+            and self.info.cls is not None
+            and func.value.value == self.info.self_name
+        ):
             target = self.info.cls.methods.get(func.attr.value)
         if target is None:
             return ""
-        params = target.params[1:] if target.self_name and type(func) is cst.Attribute else target.params
+        params = (
+            target.params[1:] if target.self_name and type(func) is cst.Attribute else target.params
+        )
         if use.keyword:
             name = use.keyword if use.keyword in params else ""
         else:
@@ -1770,10 +2047,14 @@ class FunctionAnalysis:
                     rid = self._rid(node, spec)
                     fate = self.fates[rid]
                     fate.leak_normal = True
-                    fate.reason = (f'yielded by the generator "{info.name}()", which is never finished, '
-                                   "so its cleanup never runs")
-                    fate.advice = ('keep the generator and finish it ("await gen.aclose()"), or make it '
-                                   'an @asynccontextmanager and use "async with"')
+                    fate.reason = (
+                        f'yielded by the generator "{info.name}()", which is never finished, '
+                        "so its cleanup never runs"
+                    )
+                    fate.advice = (
+                        'keep the generator and finish it ("await gen.aclose()"), or make it '
+                        'an @asynccontextmanager and use "async with"'
+                    )
         return path
 
     def _set_const(self, path: Path, name: str, value: cst.BaseExpression) -> None:
@@ -1797,12 +2078,21 @@ class FunctionAnalysis:
             if value.value in path.consts:
                 path.consts[name] = path.consts[value.value]
             return
-        if t in (cst.Integer, cst.SimpleString, cst.Call, cst.Attribute, cst.Await, cst.List, cst.Dict):
+        if t in (
+            cst.Integer,
+            cst.SimpleString,
+            cst.Call,
+            cst.Attribute,
+            cst.Await,
+            cst.List,
+            cst.Dict,
+        ):
             if t is not cst.Call and t is not cst.Attribute and t is not cst.Await:
                 path.consts[name] = "notnone"
 
-    def _apply_create(self, path: Path, node: cst.CSTNode, spec: ResourceSpec, use: Use,
-                      bound: dict[str, int]) -> None:
+    def _apply_create(
+        self, path: Path, node: cst.CSTNode, spec: ResourceSpec, use: Use, bound: dict[str, int]
+    ) -> None:
         if self.expect_failure:
             return
         if spec.kind == "session" and _bound_to_connection(node):
@@ -1847,8 +2137,9 @@ class FunctionAnalysis:
         else:
             fate.escaped = True
 
-    def _apply_name(self, path: Path, name: str, rid: int, use: Use, bound: dict[str, int],
-                    exc_mode: bool) -> None:
+    def _apply_name(
+        self, path: Path, name: str, rid: int, use: Use, bound: dict[str, int], exc_mode: bool
+    ) -> None:
         spec = self.specs[rid]
         fate = self.fates[rid]
         action, extra = self.decide(use, spec, False)
@@ -1919,8 +2210,10 @@ class FunctionAnalysis:
         if t is cst.Comparison and len(test.comparisons) == 1:
             target = test.comparisons[0]
             op = type(target.operator)
-            if type(target.comparator) is cst.Name and target.comparator.value == "None" and op in (
-                cst.Is, cst.IsNot, cst.Equal, cst.NotEqual
+            if (
+                type(target.comparator) is cst.Name
+                and target.comparator.value == "None"
+                and op in (cst.Is, cst.IsNot, cst.Equal, cst.NotEqual)
             ):
                 is_none = self._is_none(path, test.left)
                 if is_none is None:
@@ -1968,7 +2261,9 @@ class FunctionAnalysis:
             if name in path.held:
                 return path if outcome else None
             if name not in ("True", "False", "None") and name in self.relevant:
-                path.consts[name] = outcome if outcome is False else path.consts.get(name, True) or True
+                path.consts[name] = (
+                    outcome if outcome is False else path.consts.get(name, True) or True
+                )
                 if outcome is False:
                     path.consts[name] = False
                 self._same(path, name)
@@ -1978,7 +2273,11 @@ class FunctionAnalysis:
         if t is cst.Comparison and len(test.comparisons) == 1:
             target = test.comparisons[0]
             op = type(target.operator)
-            if type(target.comparator) is cst.Name and target.comparator.value == "None" and type(test.left) is cst.Name:
+            if (
+                type(target.comparator) is cst.Name
+                and target.comparator.value == "None"
+                and type(test.left) is cst.Name
+            ):
                 if op in (cst.Is, cst.Equal):
                     is_none = outcome
                 elif op in (cst.IsNot, cst.NotEqual):
@@ -2093,15 +2392,24 @@ class FunctionAnalysis:
             return self._match(stmt, paths)
         if t is cst.FunctionDef or t is cst.ClassDef:
             return self._nested(stmt, paths)
-        if t is cst.Global or t is cst.Nonlocal or t is cst.Pass or t is cst.Import or t is cst.ImportFrom:
+        if (
+            t is cst.Global
+            or t is cst.Nonlocal
+            or t is cst.Pass
+            or t is cst.Import
+            or t is cst.ImportFrom
+        ):
             return Flow(paths)
         return self.simple(stmt, paths)
 
     def _nested(self, stmt: cst.CSTNode, paths: list[Path]) -> Flow:
         key = id(stmt)
         if key not in self.events_cache:
-            captured = [n.value for n in _walk(stmt, into_scopes=True)
-                        if type(n) is cst.Name and n.value in self.tracked]
+            captured = [
+                n.value
+                for n in _walk(stmt, into_scopes=True)
+                if type(n) is cst.Name and n.value in self.tracked
+            ]
             self.events_cache[key] = ([("name", n, CAPTURE) for n in captured], False)
         events, _ = self.events_cache[key]
         return Flow([self.apply(p.copy(), events) for p in paths] if events else paths)
@@ -2210,8 +2518,11 @@ class FunctionAnalysis:
                         flow.exc.append(path.copy())
         else:
             test = stmt.test
-            infinite = type(test) is cst.Name and test.value == "True" or (
-                type(test) is cst.Integer and test.value != "0")
+            infinite = (
+                type(test) is cst.Name
+                and test.value == "True"
+                or (type(test) is cst.Integer and test.value != "0")
+            )
             paths = self._test_events(test, paths, flow)
             target_names = []
         entry = [p.copy() for p in paths]
@@ -2249,13 +2560,19 @@ class FunctionAnalysis:
                 use = Use("with", is_async=is_async)
                 expr = item.item
                 inner, _ = _unwrap_await(expr)
-                if type(inner) is cst.Call and _last_name(inner.func) in ("aclosing", "closing") and inner.args:
+                if (
+                    type(inner) is cst.Call
+                    and _last_name(inner.func) in ("aclosing", "closing")
+                    and inner.args
+                ):
                     self._raises = True
                     self.value(inner.args[0].value, use)
                 else:
                     self.value(expr, use)
                 if item.asname is not None:
-                    self._ev.append(("assign", tuple(_names_in(item.asname.name)), cst.Name("object")))
+                    self._ev.append(
+                        ("assign", tuple(_names_in(item.asname.name)), cst.Name("object"))
+                    )
             if is_async:
                 self._raises = True
             cached = (self._ev, self._raises)
@@ -2267,7 +2584,11 @@ class FunctionAnalysis:
                 if path.open_any():
                     flow.exc.append(self.apply(path.copy(), events, exc_mode=True))
         entered = [self.apply(p.copy(), events) for p in paths]
-        shield = any(ex.is_shielding_with(node_text(item.item)) for item in stmt.items) if self.in_finally else False
+        shield = (
+            any(ex.is_shielding_with(node_text(item.item)) for item in stmt.items)
+            if self.in_finally
+            else False
+        )
         expects = any(ex.is_expected_failure(_last_name(item.item)) for item in stmt.items)
         self.shielded += shield
         self.expect_failure += expects
@@ -2286,28 +2607,74 @@ def _bound_to_connection(call: cst.CSTNode) -> bool:
     if type(call) is not cst.Call:
         return False
     for index, arg in enumerate(call.args):
-        if (arg.keyword is not None and arg.keyword.value == "bind") or (arg.keyword is None and index == 0 and not arg.star):
+        if (arg.keyword is not None and arg.keyword.value == "bind") or (
+            arg.keyword is None and index == 0 and not arg.star
+        ):
             name = _last_name(arg.value)
             if "conn" in name.lower():
                 return True
     return False
 
 
-_HARMLESS_METHODS = frozenset({
-    "debug", "info", "warning", "warn", "error", "exception", "critical", "log", "msg",
-})
-_HARMLESS_FUNCTIONS = frozenset({
-    "print", "len", "str", "repr", "int", "float", "bool", "isinstance", "issubclass", "hasattr",
-    "getattr", "id", "type", "dict", "list", "tuple", "set", "frozenset", "sorted", "min", "max",
-    "format", "monotonic", "perf_counter", "time", "uuid4", "now", "utcnow",
-})
+_HARMLESS_METHODS = frozenset(
+    {
+        "debug",
+        "info",
+        "warning",
+        "warn",
+        "error",
+        "exception",
+        "critical",
+        "log",
+        "msg",
+    }
+)
+_HARMLESS_FUNCTIONS = frozenset(
+    {
+        "print",
+        "len",
+        "str",
+        "repr",
+        "int",
+        "float",
+        "bool",
+        "isinstance",
+        "issubclass",
+        "hasattr",
+        "getattr",
+        "id",
+        "type",
+        "dict",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "sorted",
+        "min",
+        "max",
+        "format",
+        "monotonic",
+        "perf_counter",
+        "time",
+        "uuid4",
+        "now",
+        "utcnow",
+    }
+)
 
 
 def _harmless(call: cst.Call) -> bool:
     """Logging and plain builtins: calls whose failure is not a path worth a finding."""
     func = call.func
     if type(func) is cst.Attribute:
-        return func.attr.value in _HARMLESS_METHODS or func.attr.value in ("time", "monotonic", "perf_counter", "now", "utcnow", "uuid4")
+        return func.attr.value in _HARMLESS_METHODS or func.attr.value in (
+            "time",
+            "monotonic",
+            "perf_counter",
+            "now",
+            "utcnow",
+            "uuid4",
+        )
     return type(func) is cst.Name and func.value in _HARMLESS_FUNCTIONS
 
 
@@ -2318,15 +2685,27 @@ def _registered_elsewhere(info: FunctionInfo, name: str) -> bool:
         callee = _last_name(call.func)
         for arg in call.args:
             value = arg.value
-            if type(value) is cst.Attribute and type(value.value) is cst.Name and value.value.value == name:
+            if (
+                type(value) is cst.Attribute
+                and type(value.value) is cst.Name
+                and value.value.value == name
+            ):
                 if value.attr.value in _GENERIC_RELEASE:
                     return True
             elif type(value) is cst.Name and value.value == name:
-                if (ex.is_container_method(callee) or ex.is_exit_stack_method(callee)
-                        or ex.is_ownership_sink(callee) or ex.is_release_helper(callee)):
+                if (
+                    ex.is_container_method(callee)
+                    or ex.is_exit_stack_method(callee)
+                    or ex.is_ownership_sink(callee)
+                    or ex.is_release_helper(callee)
+                ):
                     return True
     for target, value in info.assigns:
-        if type(value) is cst.Name and value.value == name and type(target) in (cst.Attribute, cst.Subscript):
+        if (
+            type(value) is cst.Name
+            and value.value == name
+            and type(target) in (cst.Attribute, cst.Subscript)
+        ):
             return True
     return False
 
@@ -2347,21 +2726,33 @@ def _param_summary(module: ModuleAnalysis, target: FunctionInfo, name: str, dept
         t = type(node)
         if t is cst.Call:
             func = node.func
-            if type(func) is cst.Attribute and type(func.value) is cst.Name and func.value.value in aliases:
+            if (
+                type(func) is cst.Attribute
+                and type(func.value) is cst.Name
+                and func.value.value in aliases
+            ):
                 if func.attr.value in _GENERIC_RELEASE:
                     verdict = "closes"
                     break
             callee = _last_name(func)
             for arg in node.args:
                 value = arg.value
-                if type(value) is cst.Attribute and type(value.value) is cst.Name and value.value.value in aliases:
+                if (
+                    type(value) is cst.Attribute
+                    and type(value.value) is cst.Name
+                    and value.value.value in aliases
+                ):
                     if value.attr.value in _GENERIC_RELEASE:
                         verdict = "closes"  # stack.push_async_callback(s.close)
                 if type(value) is not cst.Name or value.value not in aliases:
                     continue
                 if ex.is_release_helper(callee):
                     verdict = "closes"
-                elif ex.is_exit_stack_method(callee) or ex.is_ownership_sink(callee) or ex.is_container_method(callee):
+                elif (
+                    ex.is_exit_stack_method(callee)
+                    or ex.is_ownership_sink(callee)
+                    or ex.is_container_method(callee)
+                ):
                     verdict = "escapes"
             if verdict == "closes":
                 break
@@ -2370,7 +2761,11 @@ def _param_summary(module: ModuleAnalysis, target: FunctionInfo, name: str, dept
             if type(item) is cst.Name and item.value in aliases:
                 verdict = "closes"
                 break
-            if type(item) is cst.Call and _last_name(item.func) in ("aclosing", "closing") and item.args:
+            if (
+                type(item) is cst.Call
+                and _last_name(item.func) in ("aclosing", "closing")
+                and item.args
+            ):
                 arg = item.args[0].value
                 if type(arg) is cst.Name and arg.value in aliases:
                     verdict = "closes"
@@ -2381,8 +2776,12 @@ def _param_summary(module: ModuleAnalysis, target: FunctionInfo, name: str, dept
                 verdict = "escapes"
         elif t is cst.Assign:
             for tgt in node.targets:
-                if type(tgt.target) in (cst.Attribute, cst.Subscript) and type(node.value) is cst.Name \
-                        and node.value.value in aliases and verdict == "uses":
+                if (
+                    type(tgt.target) in (cst.Attribute, cst.Subscript)
+                    and type(node.value) is cst.Name
+                    and node.value.value in aliases
+                    and verdict == "uses"
+                ):
                     verdict = "escapes"
     target.summary[name] = verdict
     return verdict

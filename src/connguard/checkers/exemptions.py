@@ -9,27 +9,94 @@ from __future__ import annotations
 import libcst as cst
 
 # Methods of contextlib.(Async)ExitStack that take over a resource or its close callback.
-_EXIT_STACK_METHODS = frozenset({
-    "enter_async_context", "enter_context", "push_async_exit", "push", "push_async_callback",
-    "callback",
-})
+_EXIT_STACK_METHODS = frozenset(
+    {
+        "enter_async_context",
+        "enter_context",
+        "push_async_exit",
+        "push",
+        "push_async_callback",
+        "callback",
+    }
+)
 # Calls that take a coroutine (or a resource) and own it from then on.
-_OWNERSHIP_SINKS = frozenset({
-    "create_task", "ensure_future", "start_soon", "start", "run_coroutine_threadsafe",
-    "run_until_complete", "run", "gather", "shield", "wait_for", "as_completed", "wait",
-    "spawn", "submit", "call_soon", "call_soon_threadsafe", "run_in_executor", "timeout",
-    "partial", "setattr", "addCleanup", "addAsyncCleanup", "add_done_callback",
-    "closing", "aclosing", "AsyncExitStack", "ExitStack", "weakref", "finalize",
-    "add_task", "add_job", "enqueue", "call_later", "start_task", "spawn_task",
-})
+_OWNERSHIP_SINKS = frozenset(
+    {
+        "create_task",
+        "ensure_future",
+        "start_soon",
+        "start",
+        "run_coroutine_threadsafe",
+        "run_until_complete",
+        "run",
+        "gather",
+        "shield",
+        "wait_for",
+        "as_completed",
+        "wait",
+        "spawn",
+        "submit",
+        "call_soon",
+        "call_soon_threadsafe",
+        "run_in_executor",
+        "timeout",
+        "partial",
+        "setattr",
+        "addCleanup",
+        "addAsyncCleanup",
+        "add_done_callback",
+        "closing",
+        "aclosing",
+        "AsyncExitStack",
+        "ExitStack",
+        "weakref",
+        "finalize",
+        "add_task",
+        "add_job",
+        "enqueue",
+        "call_later",
+        "start_task",
+        "spawn_task",
+    }
+)
 # Container methods: the resource now lives in a collection its owner manages.
-_CONTAINER_METHODS = frozenset({
-    "append", "add", "extend", "insert", "put", "put_nowait", "setdefault", "appendleft",
-    "update", "register", "push", "set", "__setitem__", "store", "attach", "track",
-})
+_CONTAINER_METHODS = frozenset(
+    {
+        "append",
+        "add",
+        "extend",
+        "insert",
+        "put",
+        "put_nowait",
+        "setdefault",
+        "appendleft",
+        "update",
+        "register",
+        "push",
+        "set",
+        "__setitem__",
+        "store",
+        "attach",
+        "track",
+    }
+)
 # A helper whose name says it releases what it is given (close_quietly(s), release_conn(c)).
-_RELEASE_WORDS = ("close", "release", "dispose", "cleanup", "clean_up", "shutdown", "teardown",
-                  "terminate", "putconn", "discard", "finaliz", "destroy", "disconnect", "free")
+_RELEASE_WORDS = (
+    "close",
+    "release",
+    "dispose",
+    "cleanup",
+    "clean_up",
+    "shutdown",
+    "teardown",
+    "terminate",
+    "putconn",
+    "discard",
+    "finaliz",
+    "destroy",
+    "disconnect",
+    "free",
+)
 # Handler types that catch the exception a pending close must survive. `Exception` is accepted
 # too: code that closes and re-raises in `except Exception` is written with release intent, and
 # flagging it would be noise.
@@ -37,7 +104,8 @@ _CATCH_ALL = frozenset({"BaseException", "Exception", "CancelledError", "Generat
 
 
 def is_exit_stack_method(method: str) -> bool:
-    """`await stack.enter_async_context(s)`, `stack.push_async_callback(s.close)`: the stack owns it."""
+    """`await stack.enter_async_context(s)`, `stack.push_async_callback(s.close)`: the stack
+    owns it."""
     return method in _EXIT_STACK_METHODS
 
 
@@ -102,7 +170,8 @@ def is_release_all(callee: str) -> bool:
 
 
 def is_shielding_with(item_text: str) -> bool:
-    """`with anyio.CancelScope(shield=True):` / `move_on_after(..., shield=True)` protects an await."""
+    """`with anyio.CancelScope(shield=True):` / `move_on_after(..., shield=True)` protects an
+    await."""
     return "shield" in item_text
 
 

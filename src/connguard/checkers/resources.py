@@ -21,7 +21,9 @@ class ResourceSpec:
     managed: bool = True  # must be released by its creator (False for makers and sync engines)
     release_async: tuple[str, ...] = ()  # coroutine methods that release it: must be awaited
     release_sync: tuple[str, ...] = ()  # plain methods that release it
-    release_on_source: tuple[str, ...] = ()  # pool.release(conn): methods of the object it came from
+    release_on_source: tuple[
+        str, ...
+    ] = ()  # pool.release(conn): methods of the object it came from
     async_cm: bool = False  # `async with F() as x:` releases it
     sync_cm: bool = False  # `with F() as x:` releases it
     awaited: bool = False  # the creating call is awaited: `x = await F()`
@@ -50,208 +52,345 @@ class ResourceSpec:
 
 # ---------------------------------------------------------------- SQLAlchemy asyncio
 ASYNC_SESSION = ResourceSpec(
-    "AsyncSession", "session", True, release_async=("close", "aclose", "invalidate"),
-    async_cm=True, mistaken_release=("begin", "commit", "rollback"),
+    "AsyncSession",
+    "session",
+    True,
+    release_async=("close", "aclose", "invalidate"),
+    async_cm=True,
+    mistaken_release=("begin", "commit", "rollback"),
 )
 ASYNC_SCOPED_SESSION = replace(ASYNC_SESSION, release_on_source=("remove",), scoped=True)
 ASYNC_CONNECTION = ResourceSpec(
-    "AsyncConnection", "connection", True, release_async=("close", "invalidate"), async_cm=True,
-    awaited=True, mistaken_release=("begin", "commit", "rollback"), var="conn",
+    "AsyncConnection",
+    "connection",
+    True,
+    release_async=("close", "invalidate"),
+    async_cm=True,
+    awaited=True,
+    mistaken_release=("begin", "commit", "rollback"),
+    var="conn",
 )
 ASYNC_SESSIONMAKER = ResourceSpec(
-    "async_sessionmaker", "maker", True, managed=False, call=ASYNC_SESSION, cm_methods=("begin",),
+    "async_sessionmaker",
+    "maker",
+    True,
+    managed=False,
+    call=ASYNC_SESSION,
+    cm_methods=("begin",),
 )
 ASYNC_SCOPED_REGISTRY = ResourceSpec(
-    "async_scoped_session", "maker", True, managed=False, call=ASYNC_SCOPED_SESSION,
+    "async_scoped_session",
+    "maker",
+    True,
+    managed=False,
+    call=ASYNC_SCOPED_SESSION,
 )
 ASYNC_ENGINE = ResourceSpec(
-    "AsyncEngine", "engine", True, release_async=("dispose",),
-    methods=(("connect", ASYNC_CONNECTION),), cm_methods=("begin", "connect"), var="engine",
-    safe_form='dispose it in a finally block ("await {var}.dispose()") or create it once at module level',
+    "AsyncEngine",
+    "engine",
+    True,
+    release_async=("dispose",),
+    methods=(("connect", ASYNC_CONNECTION),),
+    cm_methods=("begin", "connect"),
+    var="engine",
+    safe_form=(
+        'dispose it in a finally block ("await {var}.dispose()") or create it once at module level'
+    ),
 )
 
 # ---------------------------------------------------------------- SQLAlchemy sync
 SESSION = ResourceSpec(
-    "Session", "session", False, release_sync=("close", "invalidate"), sync_cm=True,
-    mistaken_release=("begin", "commit", "rollback"), safe_form='use "with {call} as {var}:"',
+    "Session",
+    "session",
+    False,
+    release_sync=("close", "invalidate"),
+    sync_cm=True,
+    mistaken_release=("begin", "commit", "rollback"),
+    safe_form='use "with {call} as {var}:"',
 )
 SCOPED_SESSION = replace(SESSION, release_on_source=("remove",), scoped=True)
 CONNECTION = ResourceSpec(
-    "Connection", "connection", False, release_sync=("close", "invalidate"), sync_cm=True,
-    mistaken_release=("begin", "commit", "rollback"), var="conn", safe_form='use "with {call} as {var}:"',
+    "Connection",
+    "connection",
+    False,
+    release_sync=("close", "invalidate"),
+    sync_cm=True,
+    mistaken_release=("begin", "commit", "rollback"),
+    var="conn",
+    safe_form='use "with {call} as {var}:"',
 )
 SESSIONMAKER = ResourceSpec(
-    "sessionmaker", "maker", False, managed=False, call=SESSION, cm_methods=("begin",),
+    "sessionmaker",
+    "maker",
+    False,
+    managed=False,
+    call=SESSION,
+    cm_methods=("begin",),
     class_kwarg="class_",
 )
 SCOPED_REGISTRY = ResourceSpec("scoped_session", "maker", False, managed=False, call=SCOPED_SESSION)
 # A sync engine is a source, not a resource we require disposing: its pooled connections are
 # returned when the process ends and scripts rarely dispose it; async engines are different.
 RAW_CONNECTION = ResourceSpec(
-    "DBAPI connection", "connection", False, release_sync=("close", "invalidate", "detach"),
-    var="conn", safe_form='close it in a finally block: "{var}.close()"',
+    "DBAPI connection",
+    "connection",
+    False,
+    release_sync=("close", "invalidate", "detach"),
+    var="conn",
+    safe_form='close it in a finally block: "{var}.close()"',
 )
 ENGINE = ResourceSpec(
-    "Engine", "engine", False, managed=False, methods=(("connect", CONNECTION), ("raw_connection", RAW_CONNECTION)),
-    cm_methods=("begin", "connect"), var="engine",
+    "Engine",
+    "engine",
+    False,
+    managed=False,
+    methods=(("connect", CONNECTION), ("raw_connection", RAW_CONNECTION)),
+    cm_methods=("begin", "connect"),
+    var="engine",
 )
 
 # ---------------------------------------------------------------- asyncpg
 ASYNCPG_CONNECTION = ResourceSpec(
-    "asyncpg connection", "connection", True, release_async=("close",), release_sync=("terminate",),
-    awaited=True, var="conn", safe_form='close it in a finally block: "await {var}.close()"',
+    "asyncpg connection",
+    "connection",
+    True,
+    release_async=("close",),
+    release_sync=("terminate",),
+    awaited=True,
+    var="conn",
+    safe_form='close it in a finally block: "await {var}.close()"',
 )
 ASYNCPG_POOLED = ResourceSpec(
-    "asyncpg pooled connection", "connection", True, release_on_source=("release",),
-    release_async=("close",), release_sync=("terminate",), async_cm=True, awaited=True, var="conn",
+    "asyncpg pooled connection",
+    "connection",
+    True,
+    release_on_source=("release",),
+    release_async=("close",),
+    release_sync=("terminate",),
+    async_cm=True,
+    awaited=True,
+    var="conn",
 )
 ASYNCPG_POOL = ResourceSpec(
-    "asyncpg pool", "pool", True, release_async=("close",), release_sync=("terminate",),
-    async_cm=True, awaited=True, methods=(("acquire", ASYNCPG_POOLED),), cm_methods=("acquire",),
+    "asyncpg pool",
+    "pool",
+    True,
+    release_async=("close",),
+    release_sync=("terminate",),
+    async_cm=True,
+    awaited=True,
+    methods=(("acquire", ASYNCPG_POOLED),),
+    cm_methods=("acquire",),
     var="pool",
 )
 
 # ---------------------------------------------------------------- psycopg 3 and psycopg_pool
 PSYCOPG_ASYNC_CONNECTION = ResourceSpec(
-    "psycopg AsyncConnection", "connection", True, release_async=("close",), async_cm=True,
-    awaited=True, mistaken_release=("commit", "rollback"), var="conn",
+    "psycopg AsyncConnection",
+    "connection",
+    True,
+    release_async=("close",),
+    async_cm=True,
+    awaited=True,
+    mistaken_release=("commit", "rollback"),
+    var="conn",
     safe_form='use "async with await {call} as {var}:"',
 )
 PSYCOPG_CONNECTION = ResourceSpec(
-    "psycopg Connection", "connection", False, release_sync=("close",), sync_cm=True,
-    mistaken_release=("commit", "rollback"), var="conn", safe_form='use "with {call} as {var}:"',
+    "psycopg Connection",
+    "connection",
+    False,
+    release_sync=("close",),
+    sync_cm=True,
+    mistaken_release=("commit", "rollback"),
+    var="conn",
+    safe_form='use "with {call} as {var}:"',
 )
 PSYCOPG_POOLED_ASYNC = ResourceSpec(
-    "psycopg pooled connection", "connection", True, release_on_source=("putconn",),
-    awaited=True, var="conn", safe_form='use "async with pool.connection() as conn:"',
+    "psycopg pooled connection",
+    "connection",
+    True,
+    release_on_source=("putconn",),
+    awaited=True,
+    var="conn",
+    safe_form='use "async with pool.connection() as conn:"',
 )
 PSYCOPG_POOLED = ResourceSpec(
-    "psycopg pooled connection", "connection", False, release_on_source=("putconn",), var="conn",
+    "psycopg pooled connection",
+    "connection",
+    False,
+    release_on_source=("putconn",),
+    var="conn",
     safe_form='use "with pool.connection() as conn:"',
 )
 PSYCOPG_ASYNC_POOL = ResourceSpec(
-    "AsyncConnectionPool", "pool", True, release_async=("close",), async_cm=True,
-    methods=(("getconn", PSYCOPG_POOLED_ASYNC),), cm_methods=("connection",), var="pool",
+    "AsyncConnectionPool",
+    "pool",
+    True,
+    release_async=("close",),
+    async_cm=True,
+    methods=(("getconn", PSYCOPG_POOLED_ASYNC),),
+    cm_methods=("connection",),
+    var="pool",
 )
 PSYCOPG_POOL = ResourceSpec(
-    "ConnectionPool", "pool", False, release_sync=("close",), sync_cm=True,
-    methods=(("getconn", PSYCOPG_POOLED),), cm_methods=("connection",), var="pool",
+    "ConnectionPool",
+    "pool",
+    False,
+    release_sync=("close",),
+    sync_cm=True,
+    methods=(("getconn", PSYCOPG_POOLED),),
+    cm_methods=("connection",),
+    var="pool",
     safe_form='use "with {call} as {var}:"',
 )
 
 # ---------------------------------------------------------------- aiosqlite, aiomysql, aiopg
 AIOSQLITE_CONNECTION = ResourceSpec(
-    "aiosqlite connection", "connection", True, release_async=("close", "stop"), async_cm=True,
-    awaited=True, mistaken_release=("commit",), var="db",
+    "aiosqlite connection",
+    "connection",
+    True,
+    release_async=("close", "stop"),
+    async_cm=True,
+    awaited=True,
+    mistaken_release=("commit",),
+    var="db",
 )
 AIOMYSQL_CONNECTION = ResourceSpec(
-    "aiomysql connection", "connection", True, release_async=("ensure_closed",),
-    release_sync=("close",), async_cm=True, awaited=True, mistaken_release=("commit",), var="conn",
+    "aiomysql connection",
+    "connection",
+    True,
+    release_async=("ensure_closed",),
+    release_sync=("close",),
+    async_cm=True,
+    awaited=True,
+    mistaken_release=("commit",),
+    var="conn",
 )
 AIOMYSQL_POOLED = ResourceSpec(
-    "aiomysql pooled connection", "connection", True, release_on_source=("release",),
-    async_cm=True, awaited=True, var="conn",
+    "aiomysql pooled connection",
+    "connection",
+    True,
+    release_on_source=("release",),
+    async_cm=True,
+    awaited=True,
+    var="conn",
 )
 AIOMYSQL_POOL = ResourceSpec(
-    "aiomysql pool", "pool", True, release_sync=("close", "terminate"), async_cm=True, awaited=True,
-    methods=(("acquire", AIOMYSQL_POOLED),), cm_methods=("acquire",), var="pool",
+    "aiomysql pool",
+    "pool",
+    True,
+    release_sync=("close", "terminate"),
+    async_cm=True,
+    awaited=True,
+    methods=(("acquire", AIOMYSQL_POOLED),),
+    cm_methods=("acquire",),
+    var="pool",
 )
 # aiopg's close() returns an awaitable but also closes when not awaited: accept both.
-AIOPG_CONNECTION = replace(AIOMYSQL_CONNECTION, name="aiopg connection", release_async=(),
-                           release_sync=("close",))
+AIOPG_CONNECTION = replace(
+    AIOMYSQL_CONNECTION, name="aiopg connection", release_async=(), release_sync=("close",)
+)
 AIOPG_POOLED = replace(AIOMYSQL_POOLED, name="aiopg pooled connection")
 AIOPG_POOL = replace(AIOMYSQL_POOL, name="aiopg pool", methods=(("acquire", AIOPG_POOLED),))
 
 _ASYNC_ENGINE_FACTORIES = ("create_async_engine", "async_engine_from_config")
 
-DEFAULT_FACTORIES: Mapping[str, ResourceSpec] = MappingProxyType({
-    # SQLAlchemy asyncio (public names and where they are defined)
-    "sqlalchemy.ext.asyncio.AsyncSession": ASYNC_SESSION,
-    "sqlalchemy.ext.asyncio.session.AsyncSession": ASYNC_SESSION,
-    "sqlalchemy.ext.asyncio.async_sessionmaker": ASYNC_SESSIONMAKER,
-    "sqlalchemy.ext.asyncio.session.async_sessionmaker": ASYNC_SESSIONMAKER,
-    "sqlalchemy.ext.asyncio.async_scoped_session": ASYNC_SCOPED_REGISTRY,
-    "sqlalchemy.ext.asyncio.scoping.async_scoped_session": ASYNC_SCOPED_REGISTRY,
-    **{f"sqlalchemy.ext.asyncio.{n}": ASYNC_ENGINE for n in _ASYNC_ENGINE_FACTORIES},
-    **{f"sqlalchemy.ext.asyncio.engine.{n}": ASYNC_ENGINE for n in _ASYNC_ENGINE_FACTORIES},
-    # SQLAlchemy sync
-    "sqlalchemy.orm.Session": SESSION,
-    "sqlalchemy.orm.session.Session": SESSION,
-    "sqlalchemy.orm.sessionmaker": SESSIONMAKER,
-    "sqlalchemy.orm.session.sessionmaker": SESSIONMAKER,
-    "sqlalchemy.orm.scoped_session": SCOPED_REGISTRY,
-    "sqlalchemy.orm.scoping.scoped_session": SCOPED_REGISTRY,
-    "sqlalchemy.create_engine": ENGINE,
-    "sqlalchemy.engine.create_engine": ENGINE,
-    "sqlalchemy.engine.create.create_engine": ENGINE,
-    "sqlalchemy.engine_from_config": ENGINE,
-    "sqlalchemy.engine.engine_from_config": ENGINE,
-    # SQLModel re-exports SQLAlchemy's sessions and engines under its own names
-    "sqlmodel.Session": SESSION,
-    "sqlmodel.orm.session.Session": SESSION,
-    "sqlmodel.create_engine": ENGINE,
-    "sqlmodel.ext.asyncio.session.AsyncSession": ASYNC_SESSION,
-    # asyncpg
-    "asyncpg.connect": ASYNCPG_CONNECTION,
-    "asyncpg.connection.connect": ASYNCPG_CONNECTION,
-    "asyncpg.create_pool": ASYNCPG_POOL,
-    "asyncpg.pool.create_pool": ASYNCPG_POOL,
-    # psycopg 3
-    "psycopg.AsyncConnection.connect": PSYCOPG_ASYNC_CONNECTION,
-    "psycopg.connection_async.AsyncConnection.connect": PSYCOPG_ASYNC_CONNECTION,
-    "psycopg.connect": PSYCOPG_CONNECTION,
-    "psycopg.Connection.connect": PSYCOPG_CONNECTION,
-    "psycopg.connection.Connection.connect": PSYCOPG_CONNECTION,
-    "psycopg_pool.AsyncConnectionPool": PSYCOPG_ASYNC_POOL,
-    "psycopg_pool.pool_async.AsyncConnectionPool": PSYCOPG_ASYNC_POOL,
-    "psycopg_pool.ConnectionPool": PSYCOPG_POOL,
-    "psycopg_pool.pool.ConnectionPool": PSYCOPG_POOL,
-    # aiosqlite, aiomysql, aiopg
-    "aiosqlite.connect": AIOSQLITE_CONNECTION,
-    "aiosqlite.core.connect": AIOSQLITE_CONNECTION,
-    "aiomysql.connect": AIOMYSQL_CONNECTION,
-    "aiomysql.connection.connect": AIOMYSQL_CONNECTION,
-    "aiomysql.create_pool": AIOMYSQL_POOL,
-    "aiomysql.pool.create_pool": AIOMYSQL_POOL,
-    "aiopg.connect": AIOPG_CONNECTION,
-    "aiopg.connection.connect": AIOPG_CONNECTION,
-    "aiopg.create_pool": AIOPG_POOL,
-    "aiopg.pool.create_pool": AIOPG_POOL,
-})
+DEFAULT_FACTORIES: Mapping[str, ResourceSpec] = MappingProxyType(
+    {
+        # SQLAlchemy asyncio (public names and where they are defined)
+        "sqlalchemy.ext.asyncio.AsyncSession": ASYNC_SESSION,
+        "sqlalchemy.ext.asyncio.session.AsyncSession": ASYNC_SESSION,
+        "sqlalchemy.ext.asyncio.async_sessionmaker": ASYNC_SESSIONMAKER,
+        "sqlalchemy.ext.asyncio.session.async_sessionmaker": ASYNC_SESSIONMAKER,
+        "sqlalchemy.ext.asyncio.async_scoped_session": ASYNC_SCOPED_REGISTRY,
+        "sqlalchemy.ext.asyncio.scoping.async_scoped_session": ASYNC_SCOPED_REGISTRY,
+        **{f"sqlalchemy.ext.asyncio.{n}": ASYNC_ENGINE for n in _ASYNC_ENGINE_FACTORIES},
+        **{f"sqlalchemy.ext.asyncio.engine.{n}": ASYNC_ENGINE for n in _ASYNC_ENGINE_FACTORIES},
+        # SQLAlchemy sync
+        "sqlalchemy.orm.Session": SESSION,
+        "sqlalchemy.orm.session.Session": SESSION,
+        "sqlalchemy.orm.sessionmaker": SESSIONMAKER,
+        "sqlalchemy.orm.session.sessionmaker": SESSIONMAKER,
+        "sqlalchemy.orm.scoped_session": SCOPED_REGISTRY,
+        "sqlalchemy.orm.scoping.scoped_session": SCOPED_REGISTRY,
+        "sqlalchemy.create_engine": ENGINE,
+        "sqlalchemy.engine.create_engine": ENGINE,
+        "sqlalchemy.engine.create.create_engine": ENGINE,
+        "sqlalchemy.engine_from_config": ENGINE,
+        "sqlalchemy.engine.engine_from_config": ENGINE,
+        # SQLModel re-exports SQLAlchemy's sessions and engines under its own names
+        "sqlmodel.Session": SESSION,
+        "sqlmodel.orm.session.Session": SESSION,
+        "sqlmodel.create_engine": ENGINE,
+        "sqlmodel.ext.asyncio.session.AsyncSession": ASYNC_SESSION,
+        # asyncpg
+        "asyncpg.connect": ASYNCPG_CONNECTION,
+        "asyncpg.connection.connect": ASYNCPG_CONNECTION,
+        "asyncpg.create_pool": ASYNCPG_POOL,
+        "asyncpg.pool.create_pool": ASYNCPG_POOL,
+        # psycopg 3
+        "psycopg.AsyncConnection.connect": PSYCOPG_ASYNC_CONNECTION,
+        "psycopg.connection_async.AsyncConnection.connect": PSYCOPG_ASYNC_CONNECTION,
+        "psycopg.connect": PSYCOPG_CONNECTION,
+        "psycopg.Connection.connect": PSYCOPG_CONNECTION,
+        "psycopg.connection.Connection.connect": PSYCOPG_CONNECTION,
+        "psycopg_pool.AsyncConnectionPool": PSYCOPG_ASYNC_POOL,
+        "psycopg_pool.pool_async.AsyncConnectionPool": PSYCOPG_ASYNC_POOL,
+        "psycopg_pool.ConnectionPool": PSYCOPG_POOL,
+        "psycopg_pool.pool.ConnectionPool": PSYCOPG_POOL,
+        # aiosqlite, aiomysql, aiopg
+        "aiosqlite.connect": AIOSQLITE_CONNECTION,
+        "aiosqlite.core.connect": AIOSQLITE_CONNECTION,
+        "aiomysql.connect": AIOMYSQL_CONNECTION,
+        "aiomysql.connection.connect": AIOMYSQL_CONNECTION,
+        "aiomysql.create_pool": AIOMYSQL_POOL,
+        "aiomysql.pool.create_pool": AIOMYSQL_POOL,
+        "aiopg.connect": AIOPG_CONNECTION,
+        "aiopg.connection.connect": AIOPG_CONNECTION,
+        "aiopg.create_pool": AIOPG_POOL,
+        "aiopg.pool.create_pool": AIOPG_POOL,
+    }
+)
 
 # Annotations that tell us a parameter is a source: `async def f(pool: asyncpg.Pool)` then
 # `await pool.acquire()` creates a connection the function must release. The parameter itself
 # belongs to the caller, so these specs are used as sources only.
-DEFAULT_TYPES: Mapping[str, ResourceSpec] = MappingProxyType({
-    "asyncpg.Pool": ASYNCPG_POOL,
-    "asyncpg.pool.Pool": ASYNCPG_POOL,
-    "sqlalchemy.ext.asyncio.AsyncEngine": ASYNC_ENGINE,
-    "sqlalchemy.ext.asyncio.engine.AsyncEngine": ASYNC_ENGINE,
-    "sqlalchemy.ext.asyncio.async_sessionmaker": ASYNC_SESSIONMAKER,
-    "sqlalchemy.ext.asyncio.session.async_sessionmaker": ASYNC_SESSIONMAKER,
-    "sqlalchemy.orm.sessionmaker": SESSIONMAKER,
-    "psycopg_pool.AsyncConnectionPool": PSYCOPG_ASYNC_POOL,
-    "psycopg_pool.ConnectionPool": PSYCOPG_POOL,
-    "aiomysql.Pool": AIOMYSQL_POOL,
-    "aiopg.Pool": AIOPG_POOL,
-})
+DEFAULT_TYPES: Mapping[str, ResourceSpec] = MappingProxyType(
+    {
+        "asyncpg.Pool": ASYNCPG_POOL,
+        "asyncpg.pool.Pool": ASYNCPG_POOL,
+        "sqlalchemy.ext.asyncio.AsyncEngine": ASYNC_ENGINE,
+        "sqlalchemy.ext.asyncio.engine.AsyncEngine": ASYNC_ENGINE,
+        "sqlalchemy.ext.asyncio.async_sessionmaker": ASYNC_SESSIONMAKER,
+        "sqlalchemy.ext.asyncio.session.async_sessionmaker": ASYNC_SESSIONMAKER,
+        "sqlalchemy.orm.sessionmaker": SESSIONMAKER,
+        "psycopg_pool.AsyncConnectionPool": PSYCOPG_ASYNC_POOL,
+        "psycopg_pool.ConnectionPool": PSYCOPG_POOL,
+        "aiomysql.Pool": AIOMYSQL_POOL,
+        "aiopg.Pool": AIOPG_POOL,
+    }
+)
 
 # The kinds a user may name in [tool.connguard] extra-factories.
-EXTRA_KINDS: Mapping[str, ResourceSpec] = MappingProxyType({
-    "session": replace(ASYNC_SESSION, name="session"),
-    "async-session": replace(ASYNC_SESSION, name="session"),
-    "sync-session": replace(SESSION, name="session"),
-    "connection": replace(ASYNC_CONNECTION, name="connection", awaited=False,
-                          release_sync=("terminate",)),
-    "async-connection": replace(ASYNC_CONNECTION, name="connection", awaited=False),
-    "sync-connection": replace(CONNECTION, name="connection"),
-    "pool": replace(ASYNCPG_POOL, name="pool", awaited=False, methods=()),
-    "sync-pool": replace(PSYCOPG_POOL, name="pool", methods=()),
-    "engine": replace(ASYNC_ENGINE, name="engine"),
-    "sessionmaker": ASYNC_SESSIONMAKER,
-    "async-sessionmaker": ASYNC_SESSIONMAKER,
-    "sync-sessionmaker": replace(SESSIONMAKER, class_kwarg=""),
-})
+EXTRA_KINDS: Mapping[str, ResourceSpec] = MappingProxyType(
+    {
+        "session": replace(ASYNC_SESSION, name="session"),
+        "async-session": replace(ASYNC_SESSION, name="session"),
+        "sync-session": replace(SESSION, name="session"),
+        "connection": replace(
+            ASYNC_CONNECTION, name="connection", awaited=False, release_sync=("terminate",)
+        ),
+        "async-connection": replace(ASYNC_CONNECTION, name="connection", awaited=False),
+        "sync-connection": replace(CONNECTION, name="connection"),
+        "pool": replace(ASYNCPG_POOL, name="pool", awaited=False, methods=()),
+        "sync-pool": replace(PSYCOPG_POOL, name="pool", methods=()),
+        "engine": replace(ASYNC_ENGINE, name="engine"),
+        "sessionmaker": ASYNC_SESSIONMAKER,
+        "async-sessionmaker": ASYNC_SESSIONMAKER,
+        "sync-sessionmaker": replace(SESSIONMAKER, class_kwarg=""),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -296,8 +435,11 @@ def _needles(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def _make(factories: Mapping[str, ResourceSpec], types: Mapping[str, ResourceSpec]) -> FactoryTable:
-    return FactoryTable(MappingProxyType(dict(factories)), MappingProxyType(dict(types)),
-                        _needles([*factories, *types]))
+    return FactoryTable(
+        MappingProxyType(dict(factories)),
+        MappingProxyType(dict(types)),
+        _needles([*factories, *types]),
+    )
 
 
 DEFAULT_TABLE = _make(DEFAULT_FACTORIES, DEFAULT_TYPES)
@@ -322,7 +464,9 @@ def build_table(extra: Mapping[str, str] | None = None) -> FactoryTable:
         spec = EXTRA_KINDS.get(kind) or DEFAULT_FACTORIES.get(kind)
         if spec is None:
             known = ", ".join(sorted(EXTRA_KINDS))
-            raise TableError(f"extra-factories: {qualified!r} has unknown kind {kind!r} (known: {known})")
+            raise TableError(
+                f"extra-factories: {qualified!r} has unknown kind {kind!r} (known: {known})"
+            )
         factories[qualified] = spec
     return _make(factories, DEFAULT_TYPES)
 

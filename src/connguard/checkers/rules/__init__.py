@@ -24,16 +24,26 @@ if TYPE_CHECKING:
 RULES: dict[str, type[Rule]] = {
     rule.CODE: rule
     for rule in (
-        NeverReleased, NotReleasedOnError, CloseNotAwaited, SyncWithOnAsync,
-        TransactionTakenForClose, DependencyReturnsResource, EngineNotDisposed, SharedSession,
+        NeverReleased,
+        NotReleasedOnError,
+        CloseNotAwaited,
+        SyncWithOnAsync,
+        TransactionTakenForClose,
+        DependencyReturnsResource,
+        EngineNotDisposed,
+        SharedSession,
         UnshieldedClose,
     )
 }
 
-DEFAULT_ENABLED: frozenset[str] = frozenset(code for code, rule in RULES.items() if rule.DEFAULT_ENABLED)
+DEFAULT_ENABLED: frozenset[str] = frozenset(
+    code for code, rule in RULES.items() if rule.DEFAULT_ENABLED
+)
 
 
-def run_rules(fates: Iterable[Fate], enabled: Collection[str] | None = None) -> list[tuple[str, cst.CSTNode, str]]:
+def run_rules(
+    fates: Iterable[Fate], enabled: Collection[str] | None = None
+) -> list[tuple[str, cst.CSTNode, str]]:
     """(code, node, message) for every enabled rule and fate; enabled=None: DEFAULT_ENABLED."""
     codes = DEFAULT_ENABLED if enabled is None else enabled
     sink: list[tuple[str, cst.CSTNode, str]] = []

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import PRELUDE, Rule
 from ..analysis import node_text
+from .base import PRELUDE, Rule
 
 
 class CloseNotAwaited(Rule):
@@ -42,8 +42,10 @@ class CloseNotAwaited(Rule):
 
     CODE = "CG103"
     NAME = "close-not-awaited"
-    MESSAGE = ('{resource} created here is closed by "{close}" without await: the coroutine '
-               'never runs, so nothing is closed; use "await {close}"')
+    MESSAGE = (
+        '{resource} created here is closed by "{close}" without await: the coroutine '
+        'never runs, so nothing is closed; use "await {close}"'
+    )
 
     def check(self, fate) -> None:
         if fate.owner != "function" or fate.unawaited is None:
@@ -53,7 +55,8 @@ class CloseNotAwaited(Rule):
         self.report(fate.node, resource=fate.spec.name, close=node_text(fate.unawaited))
 
     VALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 async def fetch(query):
     session = AsyncSessionLocal()
     try:
@@ -73,7 +76,8 @@ def fetch(query):
     finally:
         session.close()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 import asyncio
 
 def sync_caller():
@@ -83,7 +87,8 @@ def sync_caller():
     ]
 
     INVALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 async def fetch(query):
     session = AsyncSessionLocal()  # CG103
     try:

@@ -1,4 +1,4 @@
-"""CG106: a FastAPI dependency or pytest fixture that returns a fresh session instead of yielding it."""
+"""CG106: a FastAPI dependency or pytest fixture that returns a fresh session, not yields it."""
 
 from __future__ import annotations
 
@@ -36,16 +36,23 @@ class DependencyReturnsResource(Rule):
 
     CODE = "CG106"
     NAME = "dependency-returns-resource"
-    MESSAGE = ('{resource} created here is returned by the {framework} "{function}", which never '
-               'closes returned values; yield it and close it in "finally"')
+    MESSAGE = (
+        '{resource} created here is returned by the {framework} "{function}", which never '
+        'closes returned values; yield it and close it in "finally"'
+    )
 
     def check(self, fate) -> None:
         if fate.returned_by:
-            self.report(fate.node, resource=fate.spec.name, framework=fate.returned_by,
-                        function=fate.function)
+            self.report(
+                fate.node,
+                resource=fate.spec.name,
+                framework=fate.returned_by,
+                function=fate.function,
+            )
 
     VALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 from fastapi import Depends, FastAPI
 
 app = FastAPI()
@@ -58,14 +65,16 @@ async def get_db():
 async def items(db=Depends(get_db)):
     return []
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 def make_session():
     return AsyncSessionLocal()
 """,
     ]
 
     INVALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 from fastapi import Depends, FastAPI
 
 app = FastAPI()
@@ -77,7 +86,8 @@ def get_db():
 async def items(db=Depends(get_db)):
     return []
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 import pytest
 
 @pytest.fixture

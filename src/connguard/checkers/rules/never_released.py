@@ -48,22 +48,29 @@ class NeverReleased(Rule):
             return
         if fate.unawaited is not None or (fate.mistaken and not fate.released):
             return
-        self.report(fate.node, resource=fate.spec.name, problem=fate.reason or "never closed",
-                    advice=advice(fate))
+        self.report(
+            fate.node,
+            resource=fate.spec.name,
+            problem=fate.reason or "never closed",
+            advice=advice(fate),
+        )
 
     VALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 async def list_agents(query):
     async with AsyncSessionLocal() as session:
         return (await session.execute(query)).scalars().all()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def two(query):
     async with AsyncSessionLocal() as a, AsyncSessionLocal() as b:
         await a.execute(query)
         await b.execute(query)
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def parenthesised(query):
     async with (
         AsyncSessionLocal() as session,
@@ -71,7 +78,8 @@ async def parenthesised(query):
     ):
         await session.execute(query)
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def fetch(query):
     session = AsyncSessionLocal()
     try:
@@ -79,7 +87,8 @@ async def fetch(query):
     finally:
         await session.close()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def fetch(query):
     session = None
     try:
@@ -89,13 +98,15 @@ async def fetch(query):
         if session is not None:
             await session.close()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 def make_session():
     session = AsyncSessionLocal()
     session.info["tenant"] = "a"
     return session
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def alias(query):
     session = AsyncSessionLocal()
     other = session
@@ -104,12 +115,14 @@ async def alias(query):
     finally:
         await other.close()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def shadowed(AsyncSessionLocal, query):
     session = AsyncSessionLocal()
     return await session.execute(query)
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def immediately():
     await AsyncSessionLocal().close()
 """,
@@ -140,7 +153,8 @@ async def count(pool: asyncpg.Pool):
     async with pool.acquire() as conn:
         return await conn.fetchval("select 1")
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def conditional(flag, query):
     if flag:
         session = AsyncSessionLocal()
@@ -152,13 +166,15 @@ async def conditional(flag, query):
     ]
 
     INVALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 async def list_agents(query):
     session = AsyncSessionLocal()  # CG101
     result = await session.execute(query)
     return result.scalars().all()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def early_return(query, flag):
     session = AsyncSessionLocal()  # CG101
     if flag:
@@ -168,7 +184,8 @@ async def early_return(query, flag):
     finally:
         await session.close()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def branch_close(query):
     session = AsyncSessionLocal()  # CG101
     try:
@@ -178,15 +195,18 @@ async def branch_close(query):
             await session.close()
     return result
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def inline(query):
     return (await AsyncSessionLocal().execute(query)).scalars().all()  # CG101
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def passed(repo):
     return await repo.list(AsyncSessionLocal())  # CG101
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def overwritten(query):
     session = AsyncSessionLocal()  # CG101
     session = AsyncSessionLocal()
@@ -195,7 +215,8 @@ async def overwritten(query):
     finally:
         await session.close()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def forgotten(query):
     session = AsyncSessionLocal()  # CG101
     await session.execute(query)
@@ -215,7 +236,8 @@ async def count(pool: asyncpg.Pool):
     conn = await pool.acquire()  # CG101
     return await conn.fetchval("select 1")
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def get_db():
     async with AsyncSessionLocal() as session:
         yield session

@@ -39,8 +39,10 @@ class NotReleasedOnError(Rule):
 
     CODE = "CG102"
     NAME = "resource-not-released-on-error"
-    MESSAGE = ('{resource} created here is not closed if an exception or cancellation interrupts '
-               'before the close; {advice}')
+    MESSAGE = (
+        "{resource} created here is not closed if an exception or cancellation interrupts "
+        "before the close; {advice}"
+    )
 
     def check(self, fate) -> None:
         if fate.owner != "function" or fate.leak_normal or not fate.leak_exception:
@@ -53,7 +55,8 @@ class NotReleasedOnError(Rule):
         self.report(fate.node, resource=fate.spec.name, advice=text)
 
     VALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 async def fetch(query):
     session = AsyncSessionLocal()
     try:
@@ -62,7 +65,8 @@ async def fetch(query):
         await session.close()
     return result
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def cleanup_on_failure(query):
     session = AsyncSessionLocal()
     try:
@@ -72,7 +76,8 @@ async def cleanup_on_failure(query):
         raise
     return session
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 from contextlib import asynccontextmanager
 
 @asynccontextmanager
@@ -83,7 +88,8 @@ async def session_scope():
     finally:
         await session.close()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 from contextlib import contextmanager
 from sqlalchemy.orm import sessionmaker
 
@@ -97,7 +103,8 @@ def session_scope():
     finally:
         session.close()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 import pytest
 
 @pytest.fixture
@@ -106,7 +113,8 @@ async def session():
     yield session
     await session.close()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def get_db():
     session = AsyncSessionLocal()
     try:
@@ -114,7 +122,8 @@ async def get_db():
     finally:
         await session.close()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def no_work_between():
     session = AsyncSessionLocal()
     session.info["k"] = 1
@@ -123,14 +132,16 @@ async def no_work_between():
     ]
 
     INVALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 async def fetch(query):
     session = AsyncSessionLocal()  # CG102
     result = await session.execute(query)
     await session.close()
     return result
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 from contextlib import asynccontextmanager
 
 @asynccontextmanager
@@ -139,7 +150,8 @@ async def session_scope():
     yield session
     await session.close()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 from fastapi import Depends, FastAPI
 
 app = FastAPI()
@@ -153,7 +165,8 @@ async def get_db():
 async def items(db=Depends(get_db)):
     return []
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def close_in_except_only_reraise(query):
     session = AsyncSessionLocal()  # CG102
     await session.execute(query)

@@ -33,8 +33,10 @@ class SharedSession(Rule):
 
     CODE = "CG108"
     NAME = "shared-session"
-    MESSAGE = ('{resource} created at {level} level is shared by every request and task and never '
-               'closed; create one per request with "async with"')
+    MESSAGE = (
+        "{resource} created at {level} level is shared by every request and task and never "
+        'closed; create one per request with "async with"'
+    )
 
     def check(self, fate) -> None:
         if fate.shared:
@@ -42,7 +44,8 @@ class SharedSession(Rule):
 
     VALID = [
         PRELUDE,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def items(query):
     async with AsyncSessionLocal() as session:
         return (await session.execute(query)).all()
@@ -50,13 +53,15 @@ async def items(query):
     ]
 
     INVALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 session = AsyncSessionLocal()  # CG108
 
 async def items(query):
     return (await session.execute(query)).all()
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 class Repository:
     session = AsyncSessionLocal()  # CG108
 """,

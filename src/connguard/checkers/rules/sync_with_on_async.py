@@ -32,15 +32,18 @@ class SyncWithOnAsync(Rule):
 
     CODE = "CG104"
     NAME = "sync-with-on-async-resource"
-    MESSAGE = ('{resource} is an async context manager: plain "with" fails at runtime; '
-               'use "async with {call} as {var}:"')
+    MESSAGE = (
+        '{resource} is an async context manager: plain "with" fails at runtime; '
+        'use "async with {call} as {var}:"'
+    )
 
     def check(self, fate) -> None:
         if fate.sync_with:
             self.report(fate.node, resource=fate.spec.name, call=call_text(fate), var=fate.spec.var)
 
     VALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 async def fetch(query):
     async with AsyncSessionLocal() as session:
         return await session.execute(query)
@@ -55,7 +58,8 @@ def fetch(engine, query):
     ]
 
     INVALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 async def fetch(query):
     with AsyncSessionLocal() as session:  # CG104
         return await session.execute(query)

@@ -36,8 +36,10 @@ class TransactionTakenForClose(Rule):
 
     CODE = "CG105"
     NAME = "transaction-taken-for-close"
-    MESSAGE = ('{resource} created here is never closed: "{method}()" ends the transaction but does '
-               'not close it; {advice}')
+    MESSAGE = (
+        '{resource} created here is never closed: "{method}()" ends the transaction but does '
+        "not close it; {advice}"
+    )
 
     def check(self, fate) -> None:
         if fate.owner != "function" or not fate.leak_normal or not fate.mistaken:
@@ -47,12 +49,14 @@ class TransactionTakenForClose(Rule):
         self.report(fate.node, resource=fate.spec.name, method=fate.mistaken, advice=advice(fate))
 
     VALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 async def save(item):
     async with AsyncSessionLocal.begin() as session:
         session.add(item)
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def save(item):
     async with AsyncSessionLocal() as session:
         async with session.begin():
@@ -61,13 +65,15 @@ async def save(item):
     ]
 
     INVALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 async def save(item):
     session = AsyncSessionLocal()  # CG105
     async with session.begin():
         session.add(item)
 """,
-        PRELUDE + """
+        PRELUDE
+        + """
 async def save(item):
     session = AsyncSessionLocal()  # CG105
     session.add(item)

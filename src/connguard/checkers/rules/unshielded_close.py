@@ -1,4 +1,4 @@
-"""CG109 (off by default): an awaited close in `finally` that trio/anyio cancellation can interrupt."""
+"""CG109 (off by default): an awaited close in `finally` that a cancellation can interrupt."""
 
 from __future__ import annotations
 
@@ -40,8 +40,10 @@ class UnshieldedClose(Rule):
 
     CODE = "CG109"
     NAME = "unshielded-close-in-finally"
-    MESSAGE = ('{resource} created here is closed by an await in "finally" that a trio/anyio '
-               'cancellation can interrupt; shield it with "CancelScope(shield=True)"')
+    MESSAGE = (
+        '{resource} created here is closed by an await in "finally" that a trio/anyio '
+        'cancellation can interrupt; shield it with "CancelScope(shield=True)"'
+    )
     DEFAULT_ENABLED = False
 
     def check(self, fate) -> None:
@@ -49,7 +51,8 @@ class UnshieldedClose(Rule):
             self.report(fate.node, resource=fate.spec.name)
 
     VALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 import anyio
 
 async def fetch(query):
@@ -63,7 +66,8 @@ async def fetch(query):
     ]
 
     INVALID = [
-        PRELUDE + """
+        PRELUDE
+        + """
 import anyio
 
 async def fetch(query):
