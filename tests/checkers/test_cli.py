@@ -434,3 +434,28 @@ def test_each_file_gets_its_nearest_pyproject(tmp_path):
         "svc_b/api.py",
         "svc_b/gen/models.py",
     }
+
+
+def test_gitignore_above_the_walked_directory_applies_inside_a_work_tree(tmp_path):
+    write(
+        tmp_path,
+        {
+            ".gitignore": "src/generated/\n",
+            "src/generated/models.py": LEAK,
+            "src/app.py": LEAK,
+        },
+    )
+    (tmp_path / ".git").mkdir()
+    result = run("src", cwd=tmp_path)
+    assert {p for p, _, _ in codes_at(result.stdout)} == {"src/app.py"}
+    # outside a work tree, a .gitignore above the walked directory means nothing
+    (tmp_path / ".git").rmdir()
+    result = run("src", cwd=tmp_path)
+    assert {p for p, _, _ in codes_at(result.stdout)} == {"src/app.py", "src/generated/models.py"}
+
+
+def test_a_directory_named_explicitly_is_walked_even_if_gitignored(tmp_path):
+    write(tmp_path, {".gitignore": ".venv/\n", ".venv/lib/pkg/mod.py": LEAK})
+    (tmp_path / ".git").mkdir()
+    result = run(".venv/lib/pkg", cwd=tmp_path)
+    assert {p for p, _, _ in codes_at(result.stdout)} == {".venv/lib/pkg/mod.py"}

@@ -37,14 +37,14 @@ def _walk(top: Path, config: Config, defaults: Any) -> list[str]:
     """`*.py` under `top`, pruning default-excluded names, `.gitignore`s met on the way, and
     the configured excludes (matched from the config root)."""
     out: list[str] = []
-    # each entry: (directory the .gitignore lives in, its spec)
-    stack: list[tuple[Path, list[tuple[Path, Any]]]] = [(top, [])]
+    # each entry: (absolute directory the .gitignore lives in, its spec)
+    stack: list[tuple[Path, list[tuple[Path, Any]]]] = [(top, _ancestor_ignores(top))]
     while stack:
         directory, ignores = stack.pop()
         if (directory / ".gitignore").is_file():
             spec = _read_gitignore(directory)
             if spec is not None:
-                ignores = [*ignores, (directory, spec)]
+                ignores = [*ignores, (Path(os.path.abspath(directory)), spec)]
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError:
@@ -60,7 +60,7 @@ def _walk(top: Path, config: Config, defaults: Any) -> list[str]:
             if not is_dir and not name.endswith(".py"):
                 continue
             path = Path(entry.path)
-            if _ignored(path, is_dir, ignores) or config.is_excluded(
+            if _ignored(Path(os.path.abspath(entry.path)), is_dir, ignores) or config.is_excluded(
                 entry.path + ("/" if is_dir else "")
             ):
                 continue
@@ -68,6 +68,32 @@ def _walk(top: Path, config: Config, defaults: Any) -> list[str]:
                 stack.append((path, ignores))
             else:
                 out.append(os.path.normpath(entry.path))
+    return out
+
+
+def _ancestor_ignores(top: Path) -> list[tuple[Path, Any]]:
+    """The .gitignore files above `top` up to its git work tree's root, outermost first, as
+    git applies them to `check-async-resources src/`. Outside a work tree: none."""
+    absolute = Path(os.path.abspath(top))
+    if (absolute / ".git").exists():
+        return []
+    chain = []
+    for directory in absolute.parents:
+        chain.append(directory)
+        if (directory / ".git").exists():
+            break
+    else:
+        return []
+    out = []
+    for directory in reversed(chain):
+        if (directory / ".gitignore").is_file():
+            spec = _read_gitignore(directory)
+            if spec is not None:
+                out.append((directory, spec))
+    if _ignored(absolute, True, out):
+        # the user named an ignored directory (a virtualenv, an installed package): they want
+        # it checked, so the rules that ignore it do not apply below it
+        return []
     return out
 
 
