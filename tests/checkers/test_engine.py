@@ -313,6 +313,13 @@ def test_code_only_keeps_code_and_drops_strings_and_comments():
             True,
         ),
         ("from sqlalchemy.ext.asyncio import AsyncEngine\n", False),
+        # a module binding counts only when a table name is reached through it
+        ("from sqlalchemy import engine\n\ndef f(e: engine.Engine):\n    e.dispose()\n", False),
+        ("from sqlalchemy import engine\ne = engine.create_engine(url)\n", True),
+        (
+            "from psycopg import AsyncConnection\nasync def f():\n    c = await AsyncConnection.connect()\n",
+            True,
+        ),
     ],
 )
 def test_prefilter_wants_a_table_name_used_where_it_can_create(body, expected):

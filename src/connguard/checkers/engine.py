@@ -93,7 +93,13 @@ def may_hold_finding(source: str, path: str, config: Config) -> bool:
     if resources.may_hold_resource(source, table):
         code = code_only(source)
         if binds_table_name(
-            code, resolver.table_names, module, is_package, types=resolver.table_types, used=True
+            code,
+            resolver.table_names,
+            module,
+            is_package,
+            types=resolver.table_types,
+            factories=resolver.table_factories,
+            used=True,
         ):
             return True
     return resolver.imports_factory(code, module, is_package)

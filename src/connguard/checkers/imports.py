@@ -175,6 +175,7 @@ class ProjectImports:
         self.table_types = frozenset(getattr(table, "types", ())) - frozenset(
             getattr(table, "factories", ())
         )
+        self.table_factories = frozenset(getattr(table, "factories", ()))
         for root in roots:
             self.add_root(root)
 
@@ -350,6 +351,7 @@ def binds_table_name(
     is_package: bool,
     *,
     types: frozenset[str] = frozenset(),
+    factories: frozenset[str] | None = None,
     used: bool = False,
 ) -> bool:
     """Does `text` import something of the table (`from sqlalchemy.orm import Session`,
@@ -375,18 +377,40 @@ def binds_table_name(
         return False
     if not used:
         return True
+    if factories is None:
+        factories = names
     body = _PLAIN_IMPORT.sub("", _FROM_IMPORT.sub("", text))
     for qualified, local in bound:
-        if qualified in types and _word(local).search(body):
-            return True
-        if _creating_use(local).search(body):
-            return True
+        if qualified in types:
+            if _word(local).search(body):
+                return True
+        elif qualified in factories:
+            if _creating_use(local).search(body):
+                return True
+        else:
+            # a module or class above table names (`engine`, `asyncpg`, `AsyncConnection`):
+            # only reaching one of those names through it can create something
+            for match in _attribute_of(local).finditer(body):
+                if f"{qualified}.{match.group(1)}" in names:
+                    return True
+            if _aliased(local).search(body):
+                return True
     return False
 
 
 @lru_cache(maxsize=512)
 def _word(name: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![\w.]){re.escape(name)}\b")
+
+
+@lru_cache(maxsize=512)
+def _attribute_of(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![\w.]){re.escape(name)}\s*\.\s*(\w+)")
+
+
+@lru_cache(maxsize=512)
+def _aliased(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![=!<>])=\s*{re.escape(name)}\s*(?:$|[,)#;])", re.MULTILINE)
 
 
 @lru_cache(maxsize=512)
