@@ -317,7 +317,8 @@ def test_code_only_keeps_code_and_drops_strings_and_comments():
         ("from sqlalchemy import engine\n\ndef f(e: engine.Engine):\n    e.dispose()\n", False),
         ("from sqlalchemy import engine\ne = engine.create_engine(url)\n", True),
         (
-            "from psycopg import AsyncConnection\nasync def f():\n    c = await AsyncConnection.connect()\n",
+            "from psycopg import AsyncConnection\n"
+            "async def f():\n    c = await AsyncConnection.connect()\n",
             True,
         ),
     ],
