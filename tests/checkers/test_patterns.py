@@ -1051,6 +1051,45 @@ if __name__ == "__main__":
     session = AsyncSessionLocal()
     asyncio.run(session.close())
 """,
+    "metric-before-try": """
+import time
+from sqlalchemy.orm import scoped_session, sessionmaker
+
+def task(engine, metrics, func):
+    CoreSession = scoped_session(sessionmaker(bind=engine))
+    db_session = CoreSession()
+    metrics.counter("function.call.counter", tags={"function": func.__name__})
+    start = time.perf_counter()
+    try:
+        func(db_session)
+    finally:
+        db_session.close()
+        CoreSession.remove()
+""",
+    "resource-call-before-try": """
+from sqlalchemy.orm import sessionmaker
+
+Session = sessionmaker()
+
+def fixture():
+    session = Session()  # CG102
+    session.begin_nested()
+    try:
+        yield session
+    finally:
+        session.close()
+""",
+    "alembic-migration-session": """
+from alembic import op
+from sqlalchemy.orm import Session
+
+def upgrade():
+    bind = op.get_bind()
+    session = Session(bind=bind)
+    for row in session.query(object).all():
+        session.delete(row)
+    session.commit()
+""",
     "global-pool": """
 import asyncpg
 

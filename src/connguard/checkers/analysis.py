@@ -1747,8 +1747,11 @@ class FunctionAnalysis:
     def _call(self, call: cst.Call, use: Use) -> None:
         func = call.func
         spec = self.m._creation_spec(call, self.info)
-        if not _harmless(call) and not (spec is not None and not spec.awaited and not use.awaited):
-            # Constructing a session (no I/O) is not where an exception strands another one.
+        if spec is None and not _harmless(call) and self._touches_tracked(call):
+            # Error paths worth a finding: every await (a cancellation point, see `value`) and
+            # every call on or with the resource itself. A plain sync call that does not touch
+            # it (a metric, a log line, a parse) is not where anyone expects the close to be
+            # skipped, and constructing another session does no I/O.
             self._raises = True
         if spec is not None and (use.awaited or not spec.awaited or use.kind == "with"):
             self._ev.append(("create", call, spec, use))
@@ -1827,6 +1830,24 @@ class FunctionAnalysis:
             )
             if arg.keyword is None and not arg.star:
                 index += 1
+
+    def _touches_tracked(self, call: cst.Call) -> bool:
+        tracked = self.tracked
+        if not tracked:
+            return False
+        parts = dotted(call.func)
+        if parts is not None and parts[0] in tracked:
+            return True
+        for arg in call.args:
+            value = arg.value
+            if type(value) is cst.Name:
+                if value.value in tracked:
+                    return True
+            elif type(value) is not cst.SimpleString and type(value) is not cst.Integer:
+                for node in _walk(value):
+                    if type(node) is cst.Name and node.value in tracked:
+                        return True
+        return False
 
     # ---------------------------------------------------------------- deciding a use
 
@@ -2611,7 +2632,8 @@ def _bound_to_connection(call: cst.CSTNode) -> bool:
             arg.keyword is None and index == 0 and not arg.star
         ):
             name = _last_name(arg.value)
-            if "conn" in name.lower():
+            # `bind=connection`, alembic's `bind = op.get_bind()`, `bind=session.connection()`
+            if "conn" in name.lower() or name in ("bind", "get_bind"):
                 return True
     return False
 

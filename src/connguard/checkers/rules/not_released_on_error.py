@@ -11,9 +11,12 @@ class NotReleasedOnError(Rule):
         Flags a resource whose release runs on every normal path but is not protected: an
         exception, or the `CancelledError` of a timeout or a client disconnect, raised between
         the creation and the release skips it (the release is not in `finally`, not in an
-        `async with`, not in an `except` that re-raises). Also the generator dependency or
-        `@asynccontextmanager` that closes after `yield` without `try/finally`: an exception
-        in the endpoint is thrown in at the `yield`.
+        `async with`, not in an `except` that re-raises). The points that count are every
+        `await` (where cancellation lands) and every call on or with the resource itself; a
+        log line or a metric between the creation and the `try` does not. Also the generator
+        dependency or `@asynccontextmanager` that closes after `yield` without `try/finally`:
+        an exception in the endpoint is thrown in at the `yield`. An exception that is caught
+        and swallowed before the close is reported here too.
 
     Why is this bad?
         Under load, requests fail and time out; each failure between the creation and the
