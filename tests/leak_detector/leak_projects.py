@@ -190,7 +190,7 @@ async def test_starts_late_work(engine):
 
 
 async def test_waits_for_late_work():
-    await LATE_DONE.wait()
+    await asyncio.wait_for(LATE_DONE.wait(), 30)
 
 
 def test_unseen_connection_from_a_subprocess():

@@ -97,6 +97,28 @@ def test_every_leak_fails_its_test_and_names_the_opening_line(leaky_run):
     assert "connguard: fixture 'leaky_session_conn' (session scope) leaked 1" in out
 
 
+def test_leaks_under_xdist_reach_the_controllers_summary_and_report(server_url, tmp_path):
+    project = write_project(
+        tmp_path, INI_AUTO_SESSION, conftest=CONFTEST, test_leaky=TEST_LEAKY, test_clean=TEST_CLEAN
+    )
+    # loadfile: the leaky file's tests share one worker (two of them share an asyncio.Event)
+    result = run(
+        project, server_url, "-p", "xdist", "-n", "2", "--dist", "loadfile",
+        "--leak-check-report=report.json",
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    report = load_report(project / "report.json")
+    results = results_by_owner(report)
+    failing = {owner for owner, outcome in results.items() if outcome["fails"]}
+    assert failing == set(EXPECTED_KINDS) | {"test_unseen_connection_from_a_subprocess"}, out
+    # the clean file ran on the other worker, with nothing to report
+    assert not [r for r in report["results"] if r["nodeid"].startswith("test_clean.py")]
+    assert "test_clean.py::test_pooled_idle_connections" not in out
+    summary = out.split("connguard leak check")[1]
+    assert "FAIL fixture 'leaky_session_conn' (session scope): 1 leaked" in summary
+
+
 def test_report_shows_state_query_and_source_line(leaky_run):
     _, result, report = leaky_run
     out = result.stdout
