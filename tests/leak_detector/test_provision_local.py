@@ -111,7 +111,8 @@ def test_ini_turns_it_on_and_names_the_url_variable(pytester):
 
 
 def test_xdist_workers_share_one_server_with_a_database_each(pytester, tmp_path):
-    pytester.makeconftest(CONFTEST_RECORDING_URL)
+    # Strict lookup: the controller imports conftest too, and must find the variable set.
+    pytester.makeconftest('import os\nURL_AT_IMPORT = os.environ["DATABASE_URL"]\n')
     pytester.makepyfile(
         """
         import json, os, time

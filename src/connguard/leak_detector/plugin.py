@@ -156,9 +156,13 @@ class LeakCheckRun:
             os.environ[SHARED_ENV] = json.dumps(self._shared_info())
         if not self.is_controller:
             self.database = self._create_database()
-            if self.url_env:
-                self._saved_env = (self.url_env, os.environ.get(self.url_env))
-                os.environ[self.url_env] = self.database.plain_url
+        if self.url_env:
+            # The xdist controller runs no test but still imports conftest files, and apps read
+            # their URL at import: give it the server's maintenance database so imports work.
+            self._saved_env = (self.url_env, os.environ.get(self.url_env))
+            os.environ[self.url_env] = (
+                self.server.url if self.database is None else self.database.plain_url
+            )
 
     def _provision(self):
         from .provision import ProvisionError, janitor
