@@ -1090,6 +1090,13 @@ def upgrade():
         session.delete(row)
     session.commit()
 """,
+    "unbound-session-class": """
+from sqlalchemy.orm import Session
+
+def test_compile(query):
+    sess = Session()
+    return str(sess.query(query))
+""",
     "global-pool": """
 import asyncpg
 
@@ -1174,8 +1181,8 @@ def test_module_factories_exports_makers_factories_and_engines() -> None:
 def test_relative_import_resolved_with_module_name() -> None:
     source = """
 from .session import Session
-def f(q):
-    s = Session()  # CG101
+def f(engine, q):
+    s = Session(engine)  # CG101
     return s.execute(q)
 """
     assert run(source, module_name="sqlalchemy.orm.scoping") == expected_marks(source)

@@ -913,7 +913,27 @@ class ModuleAnalysis:
         product = callee.call
         if not product.managed:
             return None
+        if not call.args and product.kind == "session" and self._is_session_class(func, scope):
+            return None  # `Session()` with no bind can never check out a connection
         return product
+
+    def _is_session_class(self, func: cst.BaseExpression, scope: FunctionInfo | None) -> bool:
+        """Is `func` the Session/AsyncSession class itself (not a maker bound to an engine)?"""
+        parts = dotted(func)
+        if parts is None:
+            return False
+        imports = self.imports
+        info = scope
+        while info is not None:
+            if parts[0] in info.imports:
+                imports = info.imports
+                break
+            info = info.outer
+        qualified = imports.get(parts[0])
+        if qualified is None:
+            return False
+        full = ".".join([qualified, *parts[1:]])
+        return full.endswith("Session") and self.table.lookup(full) is not None
 
     def _fresh_names(self, info: FunctionInfo) -> dict[str, ResourceSpec]:
         fresh: dict[str, ResourceSpec] = {}
