@@ -1097,6 +1097,15 @@ def test_compile(query):
     sess = Session()
     return str(sess.query(query))
 """,
+    "created-in-handler": PRE
+    + """
+async def fallback(cache, q):
+    try:
+        return cache[q]
+    except KeyError:
+        s = AsyncSessionLocal()  # CG101
+        return await s.execute(q)
+""",
     "global-pool": """
 import asyncpg
 

@@ -1471,6 +1471,7 @@ class FunctionAnalysis:
         self.specs: dict[int, ResourceSpec] = {}
         self.events_cache: dict[int, tuple[list, bool]] = {}
         self.tracked: set[str] = set()
+        self.created_in_handler: set[int] = set()
         self.in_finally = 0
         self.expect_failure = 0  # inside `with pytest.raises(...)`: creations are meant to fail
         self.in_cleanup = 0  # inside finally/except: a second failure there is not our finding
@@ -1540,7 +1541,7 @@ class FunctionAnalysis:
         flow = self.exec_block(self.info.node.body, [start])
         for path in flow.normal + flow.ret:
             for rid, status in path.status.items():
-                if status == OPEN and path.exc:
+                if status == OPEN and path.exc and rid not in self.created_in_handler:
                     self.fates[rid].leak_exception = True
                 elif status == OPEN:
                     fate = self.fates[rid]
@@ -2146,6 +2147,8 @@ class FunctionAnalysis:
             if not fate.reason:
                 fate.reason = "created again before the previous one is closed"
         action, extra = self.decide(use, spec, True)
+        if path.exc:
+            self.created_in_handler.add(rid)
         if action == "bind":
             path.status[rid] = OPEN
             for name in extra:
