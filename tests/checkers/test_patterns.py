@@ -1106,6 +1106,17 @@ async def fallback(cache, q):
         s = AsyncSessionLocal()  # CG101
         return await s.execute(q)
 """,
+    "handler-without-raising-body": PRE
+    + """
+async def lookup(d, k):
+    s = AsyncSessionLocal()
+    try:
+        x = d[k]
+    except KeyError:
+        x = None
+    await s.close()
+    return x
+""",
     "global-pool": """
 import asyncpg
 

@@ -2506,6 +2506,12 @@ class FunctionAnalysis:
         flow.brk.extend(body.brk)
         flow.cont.extend(body.cont)
         exc_in = _dedupe(body.exc)
+        synthetic = False
+        if not exc_in and stmt.handlers:
+            # No open resource at any raising point: the handlers still run, from a state
+            # like the one the try started with (what they create is theirs to release).
+            exc_in = [p.copy() for p in paths]
+            synthetic = True
         caught_all = False
         for handler in stmt.handlers:
             if exc_in:
@@ -2523,7 +2529,7 @@ class FunctionAnalysis:
                 flow.absorb(result)
             if ex.is_catch_all_handler(handler):
                 caught_all = True
-        if not caught_all:
+        if not caught_all and not synthetic:
             flow.exc.extend(exc_in)
         if stmt.orelse is not None:
             flow.absorb(self.exec_block(stmt.orelse.body, body.normal) if body.normal else Flow())
