@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True, order=True)
 class Finding:
-    """A rule's verdict on one creating call. Lines and columns are 1-based, as editors show them."""
+    """A rule's verdict on one creating call. Lines and columns are 1-based, as editors show."""
 
     path: str
     line: int
