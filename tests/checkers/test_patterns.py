@@ -1117,6 +1117,41 @@ async def lookup(d, k):
     await s.close()
     return x
 """,
+    "nested-cleanup-fixture": """
+import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+@pytest.fixture
+async def s(async_engine):
+    connection = await async_engine.connect()
+    transaction = await connection.begin()
+    try:
+        session_factory = async_sessionmaker(bind=connection, expire_on_commit=False)
+        session_instance = session_factory()
+        try:
+            yield session_instance
+        finally:
+            try:
+                await session_instance.rollback()
+            except Exception:
+                pass
+            finally:
+                try:
+                    await session_instance.close()
+                except Exception:
+                    pass
+    finally:
+        try:
+            if transaction.is_active:
+                await transaction.rollback()
+        except Exception:
+            pass
+        finally:
+            try:
+                await connection.close()
+            except Exception:
+                pass
+""",
     "global-pool": """
 import asyncpg
 

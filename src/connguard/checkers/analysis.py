@@ -2510,7 +2510,12 @@ class FunctionAnalysis:
         if not exc_in and stmt.handlers:
             # No open resource at any raising point: the handlers still run, from a state
             # like the one the try started with (what they create is theirs to release).
+            # Resources already open are not judged on these guessed paths.
             exc_in = [p.copy() for p in paths]
+            for p in exc_in:
+                for rid, status in p.status.items():
+                    if status == OPEN:
+                        p.status[rid] = GONE
             synthetic = True
         caught_all = False
         for handler in stmt.handlers:
