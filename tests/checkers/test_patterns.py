@@ -1335,6 +1335,7 @@ class _ProjectResolver:
         "engine = create_async_engine('postgresql+asyncpg://localhost/app')\n"
         "AsyncSessionLocal = async_sessionmaker(engine)\n"
         "def make_session():\n    return AsyncSessionLocal()\n"
+        "def create_sessionmaker(engine):\n    return async_sessionmaker(engine)\n"
     )
 
     def resolve(self, module: str, name: str) -> ResourceSpec | None:
@@ -1374,12 +1375,51 @@ async def f(q):
     async with S() as s:
         return await s.execute(q)
 """,
+    # A function of the project that returns a maker: what its result makes is a creation.
+    """
+from app.db import create_sessionmaker
+async def f(engine, q):
+    maker = create_sessionmaker(engine)
+    session = maker()  # CG101
+    return await session.execute(q)
+""",
+    # ... and closing it behind an ownership flag in `finally` is a release.
+    """
+from app.db import create_sessionmaker
+async def f(engine, q, session=None):
+    own_session = False
+    if session is None:
+        session = create_sessionmaker(engine)()
+        own_session = True
+    try:
+        return await session.execute(q)
+    finally:
+        if own_session:
+            await session.close()
+""",
 ]
 
 
 @pytest.mark.parametrize("source", _CROSS_MODULE)
 def test_cross_module_makers_and_factories(source: str) -> None:
     assert run(source, imports=_ProjectResolver()) == expected_marks(source)
+
+
+def test_maker_factory_in_the_same_module() -> None:
+    source = PRE + """
+def make_maker(bind):
+    return async_sessionmaker(bind, expire_on_commit=False)
+
+async def f(q):
+    maker = make_maker(engine)
+    session = maker()  # CG101
+    return await session.execute(q)
+
+async def g(q):
+    async with make_maker(engine)() as session:
+        return await session.execute(q)
+"""
+    assert run(source) == expected_marks(source)
 
 
 def test_prefilter_never_rejects_a_file_with_findings() -> None:

@@ -976,13 +976,24 @@ class ModuleAnalysis:
                     return fresh[inner.value]
         return None
 
+    def _maker_product(self, info: FunctionInfo) -> ResourceSpec | None:
+        """`def create_sessionmaker(engine): return async_sessionmaker(engine)`: calling it makes
+        a maker, so `maker = create_sessionmaker(engine); session = maker()` is a creation."""
+        if info.is_generator or info.is_async or not info.returns:
+            return None
+        for value in info.returns:
+            spec = self.value_binding(value, info)
+            if spec is not None and not spec.managed and spec.call is not None and spec.call.managed:
+                return spec
+        return None
+
     def _compute_factories(self) -> None:
         for _ in range(3):
             changed = False
             for info in self.functions:
                 if info.product is not None or not info.calls:
                     continue
-                product = self._factory_product(info)
+                product = self._factory_product(info) or self._maker_product(info)
                 if product is None:
                     continue
                 if info.decorators and any(
@@ -1023,6 +1034,8 @@ class ModuleAnalysis:
             for info in self.functions:
                 self._sources(info)
         self._compute_factories()
+        for info in self.functions:
+            self._sources(info)  # locals bound by calling a maker factory found just above
         self._global_sources()
 
     def _global_sources(self) -> None:
