@@ -1466,3 +1466,9 @@ def test_findings_carry_end_positions_and_sort() -> None:
     found = check_module(source, "x.py")
     assert found == sorted(found)
     assert all(f.end_line >= f.line and (f.end_line > f.line or f.end_col > f.col) for f in found)
+
+
+def test_advice_names_the_users_own_variable() -> None:
+    source = PRE + "\nasync def f(q):\n    db = AsyncSessionLocal()\n    return await db.execute(q)\n"
+    [finding] = check_module(source, "x.py")
+    assert finding.message.endswith('use "async with AsyncSessionLocal() as db:"')

@@ -200,6 +200,7 @@ class Fate:
     unshielded: cst.CSTNode | None = None  # the awaited close in finally under trio/anyio
     conditional: bool = False  # created in `x or F()` / `F() if c else y`
     advice: str = ""  # replaces the spec's suggestion when the fix is elsewhere
+    var: str = ""  # the name the creation is bound to, if one
 
 
 def check_module(
@@ -2166,6 +2167,8 @@ class FunctionAnalysis:
             path.status[rid] = OPEN
             for name in extra:
                 bound[name] = rid
+            if len(extra) == 1 and not fate.var:
+                fate.var = next(iter(extra))  # the advice then names the user's own variable
             if not extra:
                 path.status[rid] = GONE
         elif action == "store":

@@ -46,8 +46,8 @@ class ResourceSpec:
                 return spec
         return None
 
-    def suggestion(self, call: str) -> str:
-        return self.safe_form.format(call=call, var=self.var)
+    def suggestion(self, call: str, var: str = "") -> str:
+        return self.safe_form.format(call=call, var=var or self.var)
 
 
 # ---------------------------------------------------------------- SQLAlchemy asyncio

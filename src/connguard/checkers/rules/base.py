@@ -62,7 +62,7 @@ def advice(fate: Fate) -> str:
         return fate.advice
     if fate.spec.scoped:
         return 'call "remove()" on the scoped_session registry in "finally"'
-    return fate.spec.suggestion(call_text(fate))
+    return fate.spec.suggestion(call_text(fate), fate.var)
 
 
 def is_pool_like(fate: Fate) -> bool:
