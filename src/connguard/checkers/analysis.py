@@ -984,7 +984,9 @@ class ModuleAnalysis:
             return None
         for value in info.returns:
             spec = self.value_binding(value, info)
-            if spec is not None and not spec.managed and spec.call is not None and spec.call.managed:
+            if spec is None or spec.managed or spec.call is None:
+                continue
+            if spec.call.managed:
                 return spec
         return None
 

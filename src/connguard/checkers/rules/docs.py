@@ -1,4 +1,4 @@
-"""The rule reference page, generated from the rule classes: `python -m connguard.checkers.rules.docs`."""
+"""The rule reference page, generated from the rule classes (`python -m ...rules.docs`)."""
 
 from __future__ import annotations
 
