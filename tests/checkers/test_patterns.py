@@ -1469,6 +1469,6 @@ def test_findings_carry_end_positions_and_sort() -> None:
 
 
 def test_advice_names_the_users_own_variable() -> None:
-    source = PRE + "\nasync def f(q):\n    db = AsyncSessionLocal()\n    return await db.execute(q)\n"
+    source = PRE + "\nasync def f(q):\n    db = AsyncSessionLocal()\n    return await db.execute(q)"
     [finding] = check_module(source, "x.py")
     assert finding.message.endswith('use "async with AsyncSessionLocal() as db:"')
