@@ -1406,7 +1406,9 @@ def test_cross_module_makers_and_factories(source: str) -> None:
 
 
 def test_maker_factory_in_the_same_module() -> None:
-    source = PRE + """
+    source = (
+        PRE
+        + """
 def make_maker(bind):
     return async_sessionmaker(bind, expire_on_commit=False)
 
@@ -1419,6 +1421,7 @@ async def g(q):
     async with make_maker(engine)() as session:
         return await session.execute(q)
 """
+    )
     assert run(source) == expected_marks(source)
 
 
