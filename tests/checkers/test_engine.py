@@ -38,6 +38,18 @@ def test_parse_error_is_one_cg000_finding():
     assert findings[0].line >= 1 and findings[0].col >= 1
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        "type Rows = list[int]\n",
+        "class Box[T]:\n    pass\n",
+        "try:\n    pass\nexcept KeyError, ValueError:\n    pass\n",
+    ],
+)
+def test_syntax_newer_than_our_python_is_not_cg000(source):
+    assert engine.check_source(source, "new.py", Config()) == []
+
+
 def test_null_byte_is_cg000_not_a_crash():
     findings = engine.check_source("import asyncpg\x00\n", "nul.py", Config())
     assert [f.code for f in findings] == ["CG000"]

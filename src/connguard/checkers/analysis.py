@@ -20,7 +20,7 @@ import libcst as cst
 
 from . import exemptions as ex
 from .findings import Finding
-from .resources import DEFAULT_TABLE, FactoryTable, ResourceSpec
+from .resources import DEFAULT_TABLE, POOL_NAME_SUFFIX, POOLED_BY_NAME, FactoryTable, ResourceSpec
 
 # ------------------------------------------------------------------------------------------
 # Tree walking: our own walker over dataclass fields (LibCST's visitor dispatch and `children`
@@ -669,6 +669,13 @@ class ModuleAnalysis:
         parts = dotted(func)
         if parts is None:
             return None
+        spec = self._dotted_binding(parts, scope)
+        if spec is None and _acquires_from_named_pool(parts):
+            if self._dotted_binding(parts[:-1], scope) is None:
+                return _POOLED_BY_NAME
+        return spec
+
+    def _dotted_binding(self, parts: list[str], scope: FunctionInfo | None) -> ResourceSpec | None:
         root = parts[0]
         info = scope
         while info is not None:
@@ -984,9 +991,9 @@ class ModuleAnalysis:
             return None
         for value in info.returns:
             spec = self.value_binding(value, info)
-            if spec is None or spec.managed or spec.call is None:
+            if spec is None or spec.managed:
                 continue
-            if spec.call.managed:
+            if (spec.call is not None and spec.call.managed) or spec.methods:
                 return spec
         return None
 
@@ -1037,9 +1044,20 @@ class ModuleAnalysis:
             for info in self.functions:
                 self._sources(info)
         self._compute_factories()
+        self._factory_made_bindings()
         for info in self.functions:
             self._sources(info)  # locals bound by calling a maker factory found just above
         self._global_sources()
+
+    def _factory_made_bindings(self) -> None:
+        """`engine = create_db_engine(url)` at module level, where `create_db_engine` is this
+        module's own function returning `create_engine(...)`: `engine.connect()` creates."""
+        for _stmt, value, name, cls in self.module_assigns:
+            if cls is not None or name in self.bindings:
+                continue
+            spec = self.value_binding(value, None)
+            if spec is not None and spec.methods:
+                self.bindings[name] = dataclasses.replace(spec, managed=False)
 
     def _global_sources(self) -> None:
         """`global pool; pool = await asyncpg.create_pool()` makes `pool` a module source, and
@@ -1297,6 +1315,16 @@ def _names_in(target: cst.CSTNode) -> list[str]:
     out: set[str] = set()
     ModuleAnalysis._bind_names(target, out)
     return list(out)
+
+
+def _acquires_from_named_pool(parts: list[str]) -> bool:
+    """`pool.acquire`, `self.db_pool.acquire`, `app.state.pool.acquire`."""
+    return (
+        len(parts) >= 2 and parts[-1] == "acquire" and parts[-2].lower().endswith(POOL_NAME_SUFFIX)
+    )
+
+
+_POOLED_BY_NAME = callable_of(POOLED_BY_NAME)
 
 
 def _apply_attrs(spec: ResourceSpec, rest: list[str]) -> ResourceSpec | None:
@@ -2238,6 +2266,8 @@ class FunctionAnalysis:
         for target in targets:
             attr = _self_attr(target, self.info.self_name) if self.info.self_name else ""
             if attr and self.info.cls is not None and self.info.outer is None:
+                if ex.is_memoized_getter(self.info.returns, self.info.self_name, attr):
+                    continue
                 fate.stored_attr = attr
                 fate.owner_class = self.info.cls.name
 

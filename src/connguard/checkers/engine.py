@@ -102,7 +102,13 @@ def may_hold_finding(source: str, path: str, config: Config) -> bool:
             used=True,
         ):
             return True
-    return resolver.imports_factory(code, module, is_package)
+    if resolver.imports_factory(code, module, is_package):
+        return True
+    return _NAMED_POOL_ACQUIRE.search(source) is not None
+
+
+# `await bot.pool.acquire()`: a pool from elsewhere, known by name (resources.POOLED_BY_NAME).
+_NAMED_POOL_ACQUIRE = re.compile(r"await\s+[\w.]*pool\s*\.\s*acquire\s*\(", re.IGNORECASE)
 
 
 def resolver_for(config: Config) -> ProjectImports:
@@ -201,6 +207,8 @@ def _syntax_error(source: str, path: str) -> Finding | None:
             warnings.simplefilter("ignore")
             compile(source, path, "exec", flags=_ONLY_AST, dont_inherit=True)
     except SyntaxError as exc:
+        if _newer_syntax(source):
+            return None
         line, col = exc.lineno or 1, exc.offset or 1
         message = " ".join(str(exc.msg).split())[:200]
         return Finding(path, max(line, 1), max(col, 1), PARSE_ERROR, f"cannot parse: {message}")
@@ -208,6 +216,19 @@ def _syntax_error(source: str, path: str) -> Finding | None:
         message = " ".join(str(exc).split())[:200] or type(exc).__name__
         return Finding(path, 1, 1, PARSE_ERROR, f"cannot parse: {message}")
     return None
+
+
+def _newer_syntax(source: str) -> bool:
+    """Code written for a newer Python than the one running us (`type X = ...`, `class C[T]:`,
+    `except A, B:`) is valid to its authors; LibCST's grammar knows it, so only its verdict makes
+    a file CG000. Paid only for files CPython rejects."""
+    import libcst as cst
+
+    try:
+        cst.parse_module(source)
+    except Exception:
+        return False
+    return True
 
 
 _ONLY_AST = 0x400  # ast.PyCF_ONLY_AST, without importing ast

@@ -6,6 +6,8 @@ examples in `EXAMPLES` that the rule tests run. A false positive is a bug with a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import libcst as cst
 
 # Methods of contextlib.(Async)ExitStack that take over a resource or its close callback.
@@ -175,6 +177,21 @@ def is_shielding_with(item_text: str) -> bool:
     return "shield" in item_text
 
 
+def is_memoized_getter(returns: Iterable[cst.BaseExpression], self_name: str, attr: str) -> bool:
+    """`self._engine = create_async_engine(...); return self._engine`: a lazy getter hands the one
+    cached resource to every caller, and whoever asked for it (an app's shutdown hook) releases
+    it; the object that caches it is not its owner."""
+    for value in returns:
+        if (
+            type(value) is cst.Attribute
+            and type(value.value) is cst.Name
+            and value.value.value == self_name
+            and value.attr.value == attr
+        ):
+            return True
+    return False
+
+
 # VALID examples, one per exemption; tests assert none of them is flagged.
 EXAMPLES: dict[str, str] = {
     "exit-stack": """
@@ -273,6 +290,17 @@ import asyncpg
 async def test_refused():
     with pytest.raises(OSError):
         await asyncpg.connect("postgresql://nowhere/db")
+""",
+    "memoized-getter": """
+from sqlalchemy.ext.asyncio import create_async_engine
+
+class DatabaseSettings:
+    _engine = None
+
+    def get_engine(self):
+        if self._engine is None:
+            self._engine = create_async_engine("postgresql+asyncpg://app")
+        return self._engine
 """,
     "fixture": """
 import pytest

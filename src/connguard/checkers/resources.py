@@ -294,6 +294,14 @@ AIOPG_CONNECTION = replace(
 AIOPG_POOLED = replace(AIOMYSQL_POOLED, name="aiopg pooled connection")
 AIOPG_POOL = replace(AIOMYSQL_POOL, name="aiopg pool", methods=(("acquire", AIOPG_POOLED),))
 
+# `conn = await self.bot.pool.acquire()` on a pool whose type we cannot see (made in another
+# project's module, a framework attribute, a fixture): the receiver's name is the evidence.
+# aiopg/aiomysql release synchronously, asyncpg by awaiting: accept either form.
+POOLED_BY_NAME = replace(
+    AIOMYSQL_POOLED, name="pooled connection", release_sync=("close", "terminate")
+)
+POOL_NAME_SUFFIX = "pool"
+
 _ASYNC_ENGINE_FACTORIES = ("create_async_engine", "async_engine_from_config")
 
 DEFAULT_FACTORIES: Mapping[str, ResourceSpec] = MappingProxyType(

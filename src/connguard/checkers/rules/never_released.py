@@ -56,6 +56,22 @@ class NeverReleased(Rule):
         )
 
     VALID = [
+        """
+import asyncio
+
+async def guarded(lock: asyncio.Lock, bot):
+    await lock.acquire()
+    try:
+        async with bot.pool.acquire() as conn:
+            await conn.execute("select 1")
+        conn = await bot.db_pool.acquire()
+        try:
+            await conn.execute("select 2")
+        finally:
+            await bot.db_pool.release(conn)
+    finally:
+        lock.release()
+""",
         PRELUDE
         + """
 async def list_agents(query):
@@ -245,5 +261,24 @@ async def get_db():
 async def script():
     session = await anext(get_db())  # CG101
     await session.execute("select 1")
+""",
+        """
+from sqlalchemy import create_engine
+
+def create_db_engine(url):
+    return create_engine(url, pool_pre_ping=True)
+
+engine = create_db_engine("postgresql://localhost/app")
+
+def upgrade(sql):
+    conn = engine.connect()  # CG101
+    conn.execute(sql)
+""",
+        """
+import asyncio
+
+async def balance(bot, user_id):
+    conn = await bot.pool.acquire()  # CG101
+    return await conn.fetchval("select balance from users where id = $1", user_id)
 """,
     ]
