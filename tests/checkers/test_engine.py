@@ -325,6 +325,15 @@ def test_code_only_keeps_code_and_drops_strings_and_comments():
             True,
         ),
         ("from sqlalchemy.ext.asyncio import AsyncEngine\n", False),
+        # a parameter typed as a maker is a source: calling it creates
+        (
+            "from sqlalchemy.ext.asyncio import async_sessionmaker\n\n"
+            "async def f(maker: async_sessionmaker):\n    s = maker()\n",
+            True,
+        ),
+        # `await <...>pool.acquire()`: a pool known by its name
+        ("import logging\n\nasync def f(bot):\n    c = await bot.pool.acquire()\n", True),
+        ("import asyncio\n\nasync def f(lock):\n    await lock.acquire()\n", False),
         # a module binding counts only when a table name is reached through it
         ("from sqlalchemy import engine\n\ndef f(e: engine.Engine):\n    e.dispose()\n", False),
         ("from sqlalchemy import engine\ne = engine.create_engine(url)\n", True),

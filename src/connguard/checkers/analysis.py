@@ -383,6 +383,7 @@ class ModuleAnalysis:
         self.attr_sources: dict[str, ResourceSpec] = {}  # `app.state.pool = create_pool()`
         self.uses_trio = False
         self._resolved: dict[str, ResourceSpec | None] = {}
+        self.type_aliases: dict[str, cst.BaseExpression] = {}  # `type Maker = ...`
 
     # ---------------------------------------------------------------- module scope
 
@@ -410,6 +411,9 @@ class ModuleAnalysis:
                     if ts is cst.Import or ts is cst.ImportFrom:
                         if cls is None:
                             self._import(small)
+                    elif ts is cst.TypeAlias:
+                        if cls is None:
+                            self.type_aliases[small.name.value] = small.value
                     elif ts is cst.Assign or ts is cst.AnnAssign:
                         if small.value is not None:
                             targets = (
@@ -872,7 +876,19 @@ class ModuleAnalysis:
                 if spec.call is not None or spec.methods or spec.cm_methods:
                     info.sources.setdefault(name, spec)
 
-    def _annotation_binding(self, annotation: cst.BaseExpression) -> ResourceSpec | None:
+    def _annotation_binding(
+        self, annotation: cst.BaseExpression, depth: int = 0
+    ) -> ResourceSpec | None:
+        if type(annotation) is cst.SimpleString:
+            # `maker: "async_sessionmaker[AsyncSession]"`
+            text = annotation.evaluated_value
+            if not isinstance(text, str) or depth > 2:
+                return None
+            try:
+                annotation = cst.parse_expression(text)
+            except Exception:
+                return None
+            return self._annotation_binding(annotation, depth + 1)
         if type(annotation) is cst.Subscript:
             annotation = annotation.value
         parts = dotted(annotation)
@@ -880,12 +896,27 @@ class ModuleAnalysis:
             return None
         qualified = self.imports.get(parts[0])
         if qualified is None:
+            alias = self._type_alias(parts)
+            if alias is not None and depth < 3:
+                return self._annotation_binding(alias, depth + 1)
             return None
         full = ".".join([qualified, *parts[1:]])
         spec = self.table.lookup_type(full)
         if spec is None:
             return None
         return dataclasses.replace(spec, managed=False)
+
+    def _type_alias(self, parts: list[str]) -> cst.BaseExpression | None:
+        """`Maker = async_sessionmaker[AsyncSession]` or `type Maker = ...` in this module."""
+        if len(parts) != 1:
+            return None
+        name = parts[0]
+        if name in self.type_aliases:
+            return self.type_aliases[name]
+        for _stmt, value, target, cls in self.module_assigns:
+            if target == name and cls is None and type(value) is cst.Subscript:
+                return value
+        return None
 
     def _class_sources(self, cls: ClassInfo) -> None:
         for method in cls.methods.values():

@@ -100,6 +100,7 @@ def may_hold_finding(source: str, path: str, config: Config) -> bool:
             types=resolver.table_types,
             factories=resolver.table_factories,
             used=True,
+            source_types=resolver.table_source_types,
         ):
             return True
     if resolver.imports_factory(code, module, is_package):

@@ -176,6 +176,8 @@ class ProjectImports:
             getattr(table, "factories", ())
         )
         self.table_factories = frozenset(getattr(table, "factories", ()))
+        # both (`async_sessionmaker`): a parameter annotated with it is a source already
+        self.table_source_types = frozenset(getattr(table, "types", ())) & self.table_factories
         for root in roots:
             self.add_root(root)
 
@@ -353,6 +355,7 @@ def binds_table_name(
     types: frozenset[str] = frozenset(),
     factories: frozenset[str] | None = None,
     used: bool = False,
+    source_types: frozenset[str] = frozenset(),
 ) -> bool:
     """Does `text` import something of the table (`from sqlalchemy.orm import Session`,
     `import asyncpg`, a relative import that lands on one inside a table library)?
@@ -386,6 +389,8 @@ def binds_table_name(
                 return True
         elif qualified in factories:
             if _creating_use(local).search(body):
+                return True
+            if qualified in source_types and _word(local).search(body):
                 return True
         else:
             # a module or class above table names (`engine`, `asyncpg`, `AsyncConnection`):

@@ -281,4 +281,28 @@ async def balance(bot, user_id):
     conn = await bot.pool.acquire()  # CG101
     return await conn.fetchval("select balance from users where id = $1", user_id)
 """,
+        """
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+SessionMaker = async_sessionmaker[AsyncSession]
+
+class UserRepository:
+    def __init__(self, maker: SessionMaker):
+        self.maker = maker
+
+    async def get(self, model, user_id):
+        session = self.maker()  # CG101
+        return await session.get(model, user_id)
+""",
+        """
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+async def count(maker: async_sessionmaker, query):
+    session = maker()  # CG101
+    return await session.scalar(query)
+
+async def total(maker: "async_sessionmaker", query):
+    session = maker()  # CG101
+    return await session.scalar(query)
+""",
     ]
