@@ -79,6 +79,7 @@ class LeakDetector:
         self._before: dict[int, Backend] = {}
         self._usage_errors: dict[str, str] = {}
         self._marked = False
+        self._marked_ids: set[str] = set()  # tests with @pytest.mark.leak_check, from collection
         self.ledger: Ledger | None = None
         self.observer: Observer | None = None
         if database is None:  # the xdist controller runs no tests: it only summarizes
@@ -102,6 +103,10 @@ class LeakDetector:
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         worker = hasattr(self.config, "workerinput")
         for item in items:
+            # Looked up once here: walking an item's markers again at every setup is per-test
+            # cost for the rare test that has one.
+            if next(item.iter_markers(settings.MARKER), None) is not None:
+                self._marked_ids.add(item.nodeid)
             try:
                 _check_markers(item)
             except pytest.UsageError as error:
@@ -113,23 +118,26 @@ class LeakDetector:
 
     # -- per test
 
-    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
-    def pytest_runtest_setup(self, item: pytest.Item):
+    # The per-test hooks are plain hooks or new-style wrappers (wrapper=True): pluggy runs an
+    # old-style hookwrapper through a result object and a compatibility shim, a measurable
+    # share of the per-test cost of a light test. A new-style wrapper sees the inner hooks'
+    # exception at its yield, hence the try/finally wherever state must be restored.
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
         if self.ledger is not None:
             self._begin(item)
-        outcome = yield
-        usage_error = self._usage_errors.get(item.nodeid)
-        if usage_error is not None:
-            outcome.force_exception(
-                pytest.fail.Exception(f"usage error: {usage_error}", pytrace=False)
-            )
+        if self._usage_errors:
+            usage_error = self._usage_errors.get(item.nodeid)
+            if usage_error is not None:
+                raise pytest.fail.Exception(f"usage error: {usage_error}", pytrace=False)
 
     def _setting(self, name: str, item: pytest.Item | None) -> Any:
         # Only a test with @pytest.mark.leak_check needs the per-test resolution.
         return settings.resolve(self.config, name, item if self._marked else None)
 
     def _begin(self, item: pytest.Item) -> None:
-        self._marked = next(item.iter_markers(settings.MARKER), None) is not None
+        self._marked = item.nodeid in self._marked_ids
         self._item = item
         self._test_owner = Owner("test", item.nodeid, "function", item.nodeid)
         self._global_owner = self._test_owner
@@ -142,12 +150,11 @@ class LeakDetector:
         last = self.observer.last
         self._before = last if last is not None else self.observer.snapshot()
 
-    @pytest.hookimpl(hookwrapper=True)
+    @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef: Any, request: Any):
         item = self._item
         if self.ledger is None or item is None:
-            yield
-            return
+            return (yield)
         if not self._registered:
             self._registered = True
             item.addfinalizer(self._check_item)
@@ -159,28 +166,31 @@ class LeakDetector:
         previous = self._global_owner
         self._global_owner = owner
         token = CURRENT_OWNER.set(owner)
-        yield
         try:
-            CURRENT_OWNER.reset(token)
-        except ValueError:  # a plugin switched contexts under us; the value is still ours
-            CURRENT_OWNER.set(None)
-        self._global_owner = previous
+            return (yield)
+        finally:
+            try:
+                CURRENT_OWNER.reset(token)
+            except ValueError:  # a plugin switched contexts under us; the value is still ours
+                CURRENT_OWNER.set(None)
+            self._global_owner = previous
 
-    @pytest.hookimpl(hookwrapper=True)
+    @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item):
         if self.ledger is None or self._test_owner is None:
-            yield
-            return
+            return (yield)
         token = CURRENT_OWNER.set(self._test_owner)
-        yield
         try:
-            CURRENT_OWNER.reset(token)
-        except ValueError:
-            CURRENT_OWNER.set(None)
-        self._flag_running_tasks()
-        # The server snapshot for this test travels while pytest reports the call and tears
-        # the fixtures down; _evaluate collects it.
-        self.observer.send()
+            return (yield)
+        finally:
+            try:
+                CURRENT_OWNER.reset(token)
+            except ValueError:
+                CURRENT_OWNER.set(None)
+            self._flag_running_tasks()
+            # The server snapshot for this test travels while pytest reports the call and
+            # tears the fixtures down; _evaluate collects it.
+            self.observer.send()
 
     def _flag_running_tasks(self) -> None:
         owner = self._test_owner
@@ -190,13 +200,16 @@ class LeakDetector:
                 record.held_by_task = task.get_name()
                 self._task_held.append(record)
 
-    @pytest.hookimpl(hookwrapper=True)
+    @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None):
-        if self.ledger is not None and self._item is item and not self._registered:
+        if self.ledger is None:
+            return (yield)
+        if self._item is item and not self._registered:
             # No fixture was set up for this test, so nothing function-scoped to wait for.
             self._check_item()
-        yield
-        if self.ledger is not None:
+        try:
+            return (yield)
+        finally:
             self._global_owner = None
             self._item = None
 
@@ -445,16 +458,15 @@ class LeakDetector:
 
     # -- reporting
 
-    @pytest.hookimpl(hookwrapper=True)
+    @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
-        result = yield
+        report = yield
         if call.when != "teardown" or self.ledger is None:
-            return
+            return report
         outcomes, self._item_outcomes = self._item_outcomes, []
         self._before = self.observer.last or {}
         if not outcomes:
-            return
-        report = result.get_result()
+            return report
         mode = self._setting("leak_check_mode", item)
         # What fails goes first: the short summary line shows the text's first line.
         outcomes.sort(key=lambda o: not o.fails)
@@ -470,6 +482,7 @@ class LeakDetector:
                 report.sections.append(("connguard leak check", text))
         else:
             item.warn(ConnectionLeakWarning(text))
+        return report
 
     def _as_dict(self, outcome: Outcome, mode: str = "fail") -> dict[str, Any]:
         data = asdict(outcome)

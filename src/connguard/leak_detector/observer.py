@@ -7,7 +7,7 @@ the code under test (an async observer would have to share that loop, or block i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # Only client backends of our database (and of the per-test clones named after it, with
 # --leak-check-db-per-test); our own connection is excluded by pid. Other xdist workers use
@@ -21,9 +21,12 @@ _QUERY = (
 _STATEMENT = b"connguard_snapshot"
 
 
-@dataclass(frozen=True)
-class Backend:
-    """One row of pg_stat_activity."""
+class Backend(NamedTuple):
+    """One row of pg_stat_activity.
+
+    A named tuple rather than a frozen dataclass: every test builds one per backend of its
+    database, and a frozen dataclass's __init__ sets each field through object.__setattr__.
+    """
 
     pid: int
     state: str | None
