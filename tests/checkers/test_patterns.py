@@ -1123,7 +1123,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 @pytest.fixture
 async def s(async_engine):
-    connection = await async_engine.connect()
+    connection = await async_engine.connect()  # CG102
     transaction = await connection.begin()
     try:
         session_factory = async_sessionmaker(bind=connection, expire_on_commit=False)

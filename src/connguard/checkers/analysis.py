@@ -20,7 +20,7 @@ import libcst as cst
 
 from . import exemptions as ex
 from .findings import Finding
-from .resources import DEFAULT_TABLE, POOL_NAME_SUFFIX, POOLED_BY_NAME, FactoryTable, ResourceSpec
+from .resources import DEFAULT_TABLE, NAMED_SOURCES, FactoryTable, ResourceSpec
 
 # ------------------------------------------------------------------------------------------
 # Tree walking: our own walker over dataclass fields (LibCST's visitor dispatch and `children`
@@ -674,9 +674,10 @@ class ModuleAnalysis:
         if parts is None:
             return None
         spec = self._dotted_binding(parts, scope)
-        if spec is None and _acquires_from_named_pool(parts):
-            if self._dotted_binding(parts[:-1], scope) is None:
-                return _POOLED_BY_NAME
+        if spec is None and len(parts) >= 2 and parts[-1] in _NAMED_METHODS:
+            named = _named_source(parts)
+            if named is not None and self._dotted_binding(parts[:-1], scope) is None:
+                return named
         return spec
 
     def _dotted_binding(self, parts: list[str], scope: FunctionInfo | None) -> ResourceSpec | None:
@@ -1348,14 +1349,21 @@ def _names_in(target: cst.CSTNode) -> list[str]:
     return list(out)
 
 
-def _acquires_from_named_pool(parts: list[str]) -> bool:
-    """`pool.acquire`, `self.db_pool.acquire`, `app.state.pool.acquire`."""
-    return (
-        len(parts) >= 2 and parts[-1] == "acquire" and parts[-2].lower().endswith(POOL_NAME_SUFFIX)
-    )
+def _named_source(parts: list[str]) -> ResourceSpec | None:
+    """`pool.acquire`, `self.db_pool.acquire`, `async_engine.connect` on a receiver of unknown
+    type: its name says what it is (resources.NAMED_SOURCES)."""
+    receiver = parts[-2].lower()
+    for suffix, method, _product in NAMED_SOURCES:
+        if parts[-1] == method and receiver.endswith(suffix):
+            return _NAMED_CALLABLES[method]
+    return None
 
 
-_POOLED_BY_NAME = callable_of(POOLED_BY_NAME)
+_NAMED_METHODS = frozenset(method for _suffix, method, _product in NAMED_SOURCES)
+_NAMED_CALLABLES = {
+    method: callable_of(dataclasses.replace(product, awaited=True))
+    for _suffix, method, product in NAMED_SOURCES
+}
 
 
 def _apply_attrs(spec: ResourceSpec, rest: list[str]) -> ResourceSpec | None:

@@ -105,11 +105,14 @@ def may_hold_finding(source: str, path: str, config: Config) -> bool:
             return True
     if resolver.imports_factory(code, module, is_package):
         return True
-    return _NAMED_POOL_ACQUIRE.search(source) is not None
+    return _NAMED_SOURCE_USE.search(source) is not None
 
 
-# `await bot.pool.acquire()`: a pool from elsewhere, known by name (resources.POOLED_BY_NAME).
-_NAMED_POOL_ACQUIRE = re.compile(r"await\s+[\w.]*pool\s*\.\s*acquire\s*\(", re.IGNORECASE)
+# `await bot.pool.acquire()`, `await async_engine.connect()`: a source from elsewhere, known by
+# its name (resources.NAMED_SOURCES).
+_NAMED_SOURCE_USE = re.compile(
+    r"await\s+[\w.]*(?:pool\s*\.\s*acquire|engine\s*\.\s*connect)\s*\(", re.IGNORECASE
+)
 
 
 def resolver_for(config: Config) -> ProjectImports:

@@ -300,7 +300,13 @@ AIOPG_POOL = replace(AIOMYSQL_POOL, name="aiopg pool", methods=(("acquire", AIOP
 POOLED_BY_NAME = replace(
     AIOMYSQL_POOLED, name="pooled connection", release_sync=("close", "terminate")
 )
-POOL_NAME_SUFFIX = "pool"
+# (receiver name suffix, method, what the awaited call yields): `await async_engine.connect()` on
+# an unannotated fixture parameter is an AsyncConnection whatever the engine's origin.
+# Only the awaited call is taken: a plain `with engine.connect()` is a sync engine's, not a trap.
+NAMED_SOURCES: tuple[tuple[str, str, ResourceSpec], ...] = (
+    ("pool", "acquire", replace(POOLED_BY_NAME, sync_cm=True)),
+    ("engine", "connect", replace(ASYNC_CONNECTION, sync_cm=True)),
+)
 
 _ASYNC_ENGINE_FACTORIES = ("create_async_engine", "async_engine_from_config")
 

@@ -72,6 +72,14 @@ async def guarded(lock: asyncio.Lock, bot):
     finally:
         lock.release()
 """,
+        """
+import logging
+
+def migrate(engine, speech_engine, sql):
+    with engine.connect() as conn:
+        conn.execute(sql)
+    speech_engine.connect("started-utterance", logging.info)
+""",
         PRELUDE
         + """
 async def list_agents(query):
@@ -280,6 +288,13 @@ import asyncio
 async def balance(bot, user_id):
     conn = await bot.pool.acquire()  # CG101
     return await conn.fetchval("select balance from users where id = $1", user_id)
+""",
+        """
+import pytest
+
+async def test_select_one(async_engine):
+    conn = await async_engine.connect()  # CG101
+    assert (await conn.execute("select 1")).scalar() == 1
 """,
         """
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
