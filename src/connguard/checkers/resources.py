@@ -291,6 +291,10 @@ AIOMYSQL_POOL = ResourceSpec(
 AIOPG_CONNECTION = replace(
     AIOMYSQL_CONNECTION, name="aiopg connection", release_async=(), release_sync=("close",)
 )
+# asyncmy mirrors aiomysql's API (sync close(), async ensure_closed(), pool.release(conn)).
+ASYNCMY_CONNECTION = replace(AIOMYSQL_CONNECTION, name="asyncmy connection")
+ASYNCMY_POOLED = replace(AIOMYSQL_POOLED, name="asyncmy pooled connection")
+ASYNCMY_POOL = replace(AIOMYSQL_POOL, name="asyncmy pool", methods=(("acquire", ASYNCMY_POOLED),))
 AIOPG_POOLED = replace(AIOMYSQL_POOLED, name="aiopg pooled connection")
 AIOPG_POOL = replace(AIOMYSQL_POOL, name="aiopg pool", methods=(("acquire", AIOPG_POOLED),))
 
@@ -360,6 +364,10 @@ DEFAULT_FACTORIES: Mapping[str, ResourceSpec] = MappingProxyType(
         "aiomysql.connection.connect": AIOMYSQL_CONNECTION,
         "aiomysql.create_pool": AIOMYSQL_POOL,
         "aiomysql.pool.create_pool": AIOMYSQL_POOL,
+        "asyncmy.connect": ASYNCMY_CONNECTION,
+        "asyncmy.connection.connect": ASYNCMY_CONNECTION,
+        "asyncmy.create_pool": ASYNCMY_POOL,
+        "asyncmy.pool.create_pool": ASYNCMY_POOL,
         "aiopg.connect": AIOPG_CONNECTION,
         "aiopg.connection.connect": AIOPG_CONNECTION,
         "aiopg.create_pool": AIOPG_POOL,
@@ -383,6 +391,8 @@ DEFAULT_TYPES: Mapping[str, ResourceSpec] = MappingProxyType(
         "psycopg_pool.ConnectionPool": PSYCOPG_POOL,
         "aiomysql.Pool": AIOMYSQL_POOL,
         "aiopg.Pool": AIOPG_POOL,
+        "asyncmy.Pool": ASYNCMY_POOL,
+        "asyncmy.pool.Pool": ASYNCMY_POOL,
     }
 )
 

@@ -290,6 +290,15 @@ async def balance(bot, user_id):
     return await conn.fetchval("select balance from users where id = $1", user_id)
 """,
         """
+import asyncmy
+
+async def version(dsn):
+    conn = await asyncmy.connect(dsn)  # CG101
+    async with conn.cursor() as cur:
+        await cur.execute("select version()")
+        return await cur.fetchone()
+""",
+        """
 import pytest
 
 async def test_select_one(async_engine):
