@@ -382,6 +382,9 @@ DEFAULT_TYPES: Mapping[str, ResourceSpec] = MappingProxyType(
     {
         "asyncpg.Pool": ASYNCPG_POOL,
         "asyncpg.pool.Pool": ASYNCPG_POOL,
+        # only the public spelling: SQLAlchemy's own modules import Engine relatively everywhere,
+        # and the prefilter must keep skipping them
+        "sqlalchemy.Engine": ENGINE,
         "sqlalchemy.ext.asyncio.AsyncEngine": ASYNC_ENGINE,
         "sqlalchemy.ext.asyncio.engine.AsyncEngine": ASYNC_ENGINE,
         "sqlalchemy.ext.asyncio.async_sessionmaker": ASYNC_SESSIONMAKER,

@@ -290,6 +290,13 @@ async def balance(bot, user_id):
     return await conn.fetchval("select balance from users where id = $1", user_id)
 """,
         """
+from sqlalchemy import Engine
+
+def count(engine: Engine, sql):
+    conn = engine.connect()  # CG101
+    return conn.execute(sql).scalar()
+""",
+        """
 import asyncmy
 
 async def version(dsn):
