@@ -1364,6 +1364,7 @@ _NAMED_CALLABLES = {
     method: callable_of(dataclasses.replace(product, awaited=True))
     for _suffix, method, product in NAMED_SOURCES
 }
+_NAMED_PRODUCTS = frozenset(id(spec.call) for spec in _NAMED_CALLABLES.values())
 
 
 def _apply_attrs(spec: ResourceSpec, rest: list[str]) -> ResourceSpec | None:
@@ -1857,6 +1858,9 @@ class FunctionAnalysis:
             # it (a metric, a log line, a parse) is not where anyone expects the close to be
             # skipped, and constructing another session does no I/O.
             self._raises = True
+        if spec is not None and use.kind == "discard" and id(spec) in _NAMED_PRODUCTS:
+            # `await self._pool.acquire()` as a statement is a semaphore's idiom, not a pool's
+            spec = None
         if spec is not None and (use.awaited or not spec.awaited or use.kind == "with"):
             self._ev.append(("create", call, spec, use))
             for arg in call.args:

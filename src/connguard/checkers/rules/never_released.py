@@ -61,6 +61,7 @@ import asyncio
 
 async def guarded(lock: asyncio.Lock, bot):
     await lock.acquire()
+    await bot.worker_pool.acquire()
     try:
         async with bot.pool.acquire() as conn:
             await conn.execute("select 1")
@@ -70,6 +71,7 @@ async def guarded(lock: asyncio.Lock, bot):
         finally:
             await bot.db_pool.release(conn)
     finally:
+        bot.worker_pool.release()
         lock.release()
 """,
         """
