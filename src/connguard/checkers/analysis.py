@@ -1893,7 +1893,11 @@ class FunctionAnalysis:
                     and method in ("remove", "close")
                 ):
                     self._ev.append(("registry", method))
+                elif ex.is_pool_teardown(method) and not call.args:
+                    self._ev.append(("pool-teardown", method))
             else:
+                if ex.is_pool_teardown(method) and not call.args:
+                    self._ev.append(("pool-teardown", method))
                 self.value(
                     recv, Use("method", method=method, awaited=use.awaited, outer=use, node=call)
                 )
@@ -2160,6 +2164,10 @@ class FunctionAnalysis:
             elif tag == "registry":
                 for rid, status in list(path.status.items()):
                     if status == OPEN and self.specs[rid].scoped:
+                        self._release(path, rid)
+            elif tag == "pool-teardown":
+                for rid, status in list(path.status.items()):
+                    if status == OPEN and "release" in self.specs[rid].release_on_source:
                         self._release(path, rid)
             elif tag == "gen":
                 if exc_mode:

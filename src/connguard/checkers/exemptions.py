@@ -177,6 +177,12 @@ def is_shielding_with(item_text: str) -> bool:
     return "shield" in item_text
 
 
+def is_pool_teardown(method: str) -> bool:
+    """`pool.terminate()`: asyncpg, aiopg and aiomysql pools close every connection they handed
+    out, acquired or not (`close()` instead waits for them to be released)."""
+    return method == "terminate"
+
+
 def is_memoized_getter(returns: Iterable[cst.BaseExpression], self_name: str, attr: str) -> bool:
     """`self._engine = create_async_engine(...); return self._engine`: a lazy getter hands the one
     cached resource to every caller, and whoever asked for it (an app's shutdown hook) releases
@@ -290,6 +296,15 @@ import asyncpg
 async def test_refused():
     with pytest.raises(OSError):
         await asyncpg.connect("postgresql://nowhere/db")
+""",
+    "pool-teardown": """
+import asyncpg
+
+async def test_terminate_with_acquired_connections(dsn):
+    pool = await asyncpg.create_pool(dsn)
+    conn = await pool.acquire()
+    pool.terminate()
+    assert conn.is_closed()
 """,
     "memoized-getter": """
 from sqlalchemy.ext.asyncio import create_async_engine
