@@ -1884,6 +1884,8 @@ class FunctionAnalysis:
                         Use("method", method=method, awaited=use.awaited, outer=use, node=call),
                     )
                 )
+                if ex.is_pool_teardown(method) and not call.args:
+                    self._ev.append(("pool-teardown", recv.value))
             elif type(recv) is cst.Name:
                 binding = self.m.callee_binding(recv, self.info)
                 if (
@@ -1894,10 +1896,10 @@ class FunctionAnalysis:
                 ):
                     self._ev.append(("registry", method))
                 elif ex.is_pool_teardown(method) and not call.args:
-                    self._ev.append(("pool-teardown", method))
+                    self._ev.append(("pool-teardown", ""))
             else:
                 if ex.is_pool_teardown(method) and not call.args:
-                    self._ev.append(("pool-teardown", method))
+                    self._ev.append(("pool-teardown", ""))
                 self.value(
                     recv, Use("method", method=method, awaited=use.awaited, outer=use, node=call)
                 )
@@ -2166,6 +2168,9 @@ class FunctionAnalysis:
                     if status == OPEN and self.specs[rid].scoped:
                         self._release(path, rid)
             elif tag == "pool-teardown":
+                held = path.held.get(event[1], -1)
+                if held >= 0 and self.specs[held].kind != "pool":
+                    continue  # `conn.terminate()` ends that connection only
                 for rid, status in list(path.status.items()):
                     if status == OPEN and "release" in self.specs[rid].release_on_source:
                         self._release(path, rid)
