@@ -353,6 +353,9 @@ class FunctionInfo:
         return self.params[0]
 
 
+_DEPENDS = ("Depends", "Security")
+
+
 class ModuleAnalysis:
     def __init__(
         self,
@@ -387,20 +390,20 @@ class ModuleAnalysis:
 
     # ---------------------------------------------------------------- module scope
 
+    def _note_depends(self, node: cst.CSTNode) -> None:
+        """`Depends(get_db)` / `Security(get_db)`: `get_db` is a FastAPI dependency."""
+        if type(node) is cst.Call and node.args and _last_name(node.func) in _DEPENDS:
+            name = dotted(node.args[0].value)
+            if name is not None and len(name) == 1:
+                self.depends.add(name[0])
+
     def _collect(self) -> None:
         self._collect_block(self.module.body, None)
         # `SessionDep = Annotated[AsyncSession, Depends(get_db)]` at module level.
         for stmt in self.module.body:
             if type(stmt) is cst.SimpleStatementLine:
                 for node in _walk(stmt):
-                    if (
-                        type(node) is cst.Call
-                        and _last_name(node.func) in ("Depends", "Security")
-                        and node.args
-                    ):
-                        name = dotted(node.args[0].value)
-                        if name is not None and len(name) == 1:
-                            self.depends.add(name[0])
+                    self._note_depends(node)
 
     def _collect_block(self, body: Iterable[cst.CSTNode], cls: ClassInfo | None) -> None:
         for stmt in body:
@@ -768,10 +771,7 @@ class ModuleAnalysis:
                     for arg in node.args:
                         if type(arg.value) is cst.Name:
                             info.released_names.add(arg.value.value)
-                if _last_name(func) in ("Depends", "Security") and node.args:
-                    name = dotted(node.args[0].value)
-                    if name is not None and len(name) == 1:
-                        self.depends.add(name[0])
+                self._note_depends(node)
             elif t is cst.Assign:
                 for target in node.targets:
                     self._bind_names(target.target, locals_)
@@ -814,24 +814,10 @@ class ModuleAnalysis:
         for d in info.node.decorators:
             # decorators are evaluated in the enclosing scope; Depends may appear in them
             for node in _walk(d.decorator):
-                if (
-                    type(node) is cst.Call
-                    and _last_name(node.func) in ("Depends", "Security")
-                    and node.args
-                ):
-                    name = dotted(node.args[0].value)
-                    if name is not None and len(name) == 1:
-                        self.depends.add(name[0])
+                self._note_depends(node)
         for default in self._defaults(info.node):
             for node in _walk(default):
-                if (
-                    type(node) is cst.Call
-                    and _last_name(node.func) in ("Depends", "Security")
-                    and node.args
-                ):
-                    name = dotted(node.args[0].value)
-                    if name is not None and len(name) == 1:
-                        self.depends.add(name[0])
+                self._note_depends(node)
 
     @staticmethod
     def _defaults(node: cst.FunctionDef) -> Iterator[cst.CSTNode]:

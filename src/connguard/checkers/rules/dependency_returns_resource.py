@@ -94,4 +94,27 @@ import pytest
 def session():
     return AsyncSessionLocal()  # CG106
 """,
+        PRELUDE
+        + """
+from fastapi import APIRouter, Depends
+
+router = APIRouter()
+
+async def open_db():
+    return AsyncSessionLocal()  # CG106
+
+@router.get("/health", dependencies=[Depends(open_db)])
+async def health():
+    return {}
+""",
+        PRELUDE
+        + """
+from fastapi import Security
+
+def get_db():
+    return AsyncSessionLocal()  # CG106
+
+def dependencies():
+    return [Security(get_db)]
+""",
     ]
