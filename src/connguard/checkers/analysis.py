@@ -2856,6 +2856,16 @@ def _registered_elsewhere(info: FunctionInfo, name: str) -> bool:
     return False
 
 
+def _release_method_of(expr: cst.BaseExpression, aliases: set[str]) -> bool:
+    """`s.close` where `s` is one of `aliases`: called, or handed on as a callback."""
+    return (
+        type(expr) is cst.Attribute
+        and type(expr.value) is cst.Name
+        and expr.value.value in aliases
+        and expr.attr.value in _GENERIC_RELEASE
+    )
+
+
 def _param_summary(module: ModuleAnalysis, target: FunctionInfo, name: str, depth: int = 0) -> str:
     """closes | escapes | uses: what `target` does with its parameter `name`, flow-insensitively."""
     if target.summary is None:
@@ -2872,24 +2882,14 @@ def _param_summary(module: ModuleAnalysis, target: FunctionInfo, name: str, dept
         t = type(node)
         if t is cst.Call:
             func = node.func
-            if (
-                type(func) is cst.Attribute
-                and type(func.value) is cst.Name
-                and func.value.value in aliases
-            ):
-                if func.attr.value in _GENERIC_RELEASE:
-                    verdict = "closes"
-                    break
+            if _release_method_of(func, aliases):
+                verdict = "closes"
+                break
             callee = _last_name(func)
             for arg in node.args:
                 value = arg.value
-                if (
-                    type(value) is cst.Attribute
-                    and type(value.value) is cst.Name
-                    and value.value.value in aliases
-                ):
-                    if value.attr.value in _GENERIC_RELEASE:
-                        verdict = "closes"  # stack.push_async_callback(s.close)
+                if _release_method_of(value, aliases):
+                    verdict = "closes"  # stack.push_async_callback(s.close)
                 if type(value) is not cst.Name or value.value not in aliases:
                     continue
                 if ex.is_release_helper(callee):
