@@ -1221,23 +1221,16 @@ class ModuleAnalysis:
             self_name = method.self_name or "self"
             aliases: dict[str, str] = {}
             for target, value in method.assigns:
-                if (
-                    type(value) is cst.Attribute
-                    and type(value.value) is cst.Name
-                    and value.value.value == self_name
-                ):
+                attr = _self_attr(value, self_name)
+                if attr:
                     for name in _names_in(target):
-                        aliases[name] = value.attr.value
+                        aliases[name] = attr
                 elif type(value) is cst.Tuple:
                     for el in value.elements:
-                        v = el.value
-                        if (
-                            type(v) is cst.Attribute
-                            and type(v.value) is cst.Name
-                            and v.value.value == self_name
-                        ):
+                        attr = _self_attr(el.value, self_name)
+                        if attr:
                             for name in _names_in(target):
-                                aliases.setdefault(name, v.attr.value)
+                                aliases.setdefault(name, attr)
             for node in _walk(method.node.body, into_scopes=True):
                 t = type(node)
                 if t is cst.Call:
@@ -2831,14 +2824,9 @@ def _registered_elsewhere(info: FunctionInfo, name: str) -> bool:
         callee = _last_name(call.func)
         for arg in call.args:
             value = arg.value
-            if (
-                type(value) is cst.Attribute
-                and type(value.value) is cst.Name
-                and value.value.value == name
-            ):
-                if value.attr.value in _GENERIC_RELEASE:
-                    return True
-            elif type(value) is cst.Name and value.value == name:
+            if _release_method_of(value, {name}):
+                return True  # atexit.register(s.close)
+            if type(value) is cst.Name and value.value == name:
                 if (
                     ex.is_container_method(callee)
                     or ex.is_exit_stack_method(callee)
