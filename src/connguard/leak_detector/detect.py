@@ -255,11 +255,7 @@ class LeakDetector:
             return owner is not None and owner.scope == "function" and owner.nodeid != current
 
         ledger = self.ledger
-        still_open = ledger.open_records(earlier)
-        if still_open:
-            gc.collect()
-            still_open = ledger.open_records(earlier)
-        late = still_open + ledger.take_reclaimed(earlier)
+        late = self._unreleased(earlier)
         if not late:
             return
         snapshot = self.observer.last or {}
@@ -272,19 +268,23 @@ class LeakDetector:
             self._item_outcomes.append(outcome)
         ledger.forget(late)
 
+    def _unreleased(self, belongs) -> list[Record]:
+        """Records of these owners still open, and those the garbage collector reclaimed."""
+        records = self.ledger.open_records(belongs)
+        if records:
+            # A proxy that is garbage but not yet collected still looks open; collecting
+            # turns it into what it is (a reclaimed leak). Costs tens of ms, so only here.
+            gc.collect()
+            records = self.ledger.open_records(belongs)
+        return records + self.ledger.take_reclaimed(belongs)
+
     # -- the decision
 
     def _evaluate(
         self, belongs, label: str, nodeid: str, item: pytest.Item | None, test_level: bool
     ) -> Outcome | None:
         ledger = self.ledger
-        records = ledger.open_records(belongs)
-        if records:
-            # A proxy that is garbage but not yet collected still looks open; collecting
-            # turns it into what it is (a reclaimed leak). Costs tens of ms, so only here.
-            gc.collect()
-            records = ledger.open_records(belongs)
-        leaked = records + ledger.take_reclaimed(belongs)
+        leaked = self._unreleased(belongs)
         if test_level:
             leaked += [r for r in self._task_held if r not in leaked]
         pools = [p for p in ledger.pools if belongs(p.owner) and not p.reported]
