@@ -54,6 +54,22 @@ async def list_users():
 PLAIN = "def add(a, b):\n    return a + b\n"
 
 
+# A factory the table does not know, declared in pyproject.toml; the leak is at use.py:6:15.
+EXTRA_FACTORY_PROJECT = {
+    "pyproject.toml": (
+        '[tool.connguard]\nextra-factories = { "myapp.db.open_session" = "session" }\n'
+    ),
+    "use.py": """
+        from myapp.db import open_session
+
+
+        async def handler():
+            session = open_session()
+            return await session.execute("select 1")
+    """,
+}
+
+
 def write(root: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
         path = root / rel

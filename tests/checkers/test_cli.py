@@ -6,7 +6,17 @@ import json
 import re
 
 import pytest
-from engine_helpers import LEAK, LEAK_COL, LEAK_LINE, PLAIN, SAFE, assert_no_traceback, run, write
+from engine_helpers import (
+    EXTRA_FACTORY_PROJECT,
+    LEAK,
+    LEAK_COL,
+    LEAK_LINE,
+    PLAIN,
+    SAFE,
+    assert_no_traceback,
+    run,
+    write,
+)
 
 LINE_RE = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<code>CG\d{3}) (?P<msg>.+)$")
 
@@ -183,22 +193,7 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, body, needle):
 
 
 def test_extra_factories_from_pyproject(tmp_path):
-    write(
-        tmp_path,
-        {
-            "pyproject.toml": (
-                '[tool.connguard]\nextra-factories = { "myapp.db.open_session" = "session" }\n'
-            ),
-            "use.py": """
-                from myapp.db import open_session
-
-
-                async def handler():
-                    session = open_session()
-                    return await session.execute("select 1")
-            """,
-        },
-    )
+    write(tmp_path, EXTRA_FACTORY_PROJECT)
     result = run("use.py", cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "use.py:6:15: CG1" in result.stdout

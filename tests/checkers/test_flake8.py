@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import re
 
-from engine_helpers import LEAK, LEAK_COL, LEAK_LINE, PLAIN, SAFE, assert_no_traceback, run, write
+from engine_helpers import (
+    EXTRA_FACTORY_PROJECT,
+    LEAK,
+    LEAK_COL,
+    LEAK_LINE,
+    PLAIN,
+    SAFE,
+    assert_no_traceback,
+    run,
+    write,
+)
 
 
 def flake8(*args, cwd, input=None):
@@ -64,22 +74,7 @@ def test_stdin(tmp_path):
 
 
 def test_project_config_extra_factories_apply_under_flake8(tmp_path):
-    write(
-        tmp_path,
-        {
-            "pyproject.toml": (
-                '[tool.connguard]\nextra-factories = { "myapp.db.open_session" = "session" }\n'
-            ),
-            "use.py": """
-                from myapp.db import open_session
-
-
-                async def handler():
-                    session = open_session()
-                    return await session.execute("select 1")
-            """,
-        },
-    )
+    write(tmp_path, EXTRA_FACTORY_PROJECT)
     assert "use.py:6:15: CG1" in flake8("use.py", cwd=tmp_path).stdout
 
 
