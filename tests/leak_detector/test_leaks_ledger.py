@@ -87,6 +87,7 @@ def test_install_wraps_and_uninstall_restores():
         psycopg.AsyncConnection.__dict__["connect"],
         psycopg_pool.ConnectionPool.__dict__["getconn"],
         Pool.__dict__["__init__"],
+        Pool.__dict__.get("__new__"),
     )
     ledger = Ledger(lambda: None)
     ledger.install()
@@ -105,8 +106,33 @@ def test_install_wraps_and_uninstall_restores():
         psycopg.AsyncConnection.__dict__["connect"],
         psycopg_pool.ConnectionPool.__dict__["getconn"],
         Pool.__dict__["__init__"],
+        Pool.__dict__.get("__new__"),
     ) == originals
     assert not event.contains(Pool, "checkout", ledger._sa_checkout)
+
+
+def test_create_engine_keeps_its_pool_arguments_while_installed():
+    # create_engine() routes pool_* arguments by the names of Pool.__init__'s parameters; the
+    # ledger must see every pool without hiding them.
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    ledger = Ledger(lambda: None)
+    ledger.install()
+    try:
+        engine = create_async_engine(
+            "postgresql+asyncpg://user@127.0.0.1:1/db",
+            pool_size=3,
+            pool_recycle=30,
+            pool_pre_ping=True,
+            pool_reset_on_return=None,
+            pool_logging_name="p",
+        )
+        pool = engine.sync_engine.pool
+        assert (pool.size(), pool._recycle, pool._pre_ping) == (3, 30, True)
+        assert pool._reset_on_return.name == "reset_none"
+        assert [i for i in ledger.pools if i.target() is pool]  # seen at creation
+    finally:
+        ledger.uninstall()
 
 
 def test_install_skips_drivers_that_are_not_installed(monkeypatch):

@@ -128,6 +128,9 @@ class Physical:
     pid: int
     pool: PoolInfo | None = None
     closed: bool = False
+    # Returned to a SQLAlchemy pool inside a transaction: its reset did not end it (with
+    # reset_on_return=None, or a transaction begun on the driver behind SQLAlchemy's back).
+    in_transaction: bool = False
 
 
 def _stop_codes() -> frozenset[CodeType]:
@@ -261,6 +264,21 @@ def _backend_pid(driver_connection: Any) -> int | None:
     return None
 
 
+def _in_transaction(dbapi_connection: Any) -> bool:
+    """Whether a driver connection is inside a transaction; True when the driver cannot say."""
+    driver = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+    try:
+        check = getattr(driver, "is_in_transaction", None)  # asyncpg
+        if check is not None:
+            return bool(check())
+        status = getattr(getattr(driver, "info", None), "transaction_status", None)  # psycopg 3
+        if status is None and hasattr(driver, "get_transaction_status"):  # psycopg2
+            status = driver.get_transaction_status()
+        return status is None or int(status) != 0  # 0: idle, outside a transaction
+    except Exception:
+        return True
+
+
 def _current_task_ref() -> Any:
     try:
         if asyncio._get_running_loop() is None:
@@ -367,13 +385,24 @@ class Ledger:
         )
 
         ledger = self
-        original_pool_init = Pool.__dict__["__init__"]
+        # Pools are seen at creation through __new__, not __init__: create_engine() reads the
+        # names of Pool.__init__'s parameters to route pool_recycle, pool_pre_ping,
+        # pool_reset_on_return, ... and a (*args, **kwargs) wrapper would hide them.
+        original_pool_new = Pool.__dict__.get("__new__")
 
-        def pool_init(pool_self: Any, *args: Any, **kwargs: Any) -> None:
-            original_pool_init(pool_self, *args, **kwargs)
+        def pool_new(cls: type, *args: Any, **kwargs: Any) -> Any:
+            if original_pool_new is not None:
+                pool_self = original_pool_new.__func__(cls, *args, **kwargs)
+            else:
+                pool_self = object.__new__(cls)
             ledger._sa_pool_created(pool_self)
+            return pool_self
 
-        self._patch(Pool, "__init__", pool_init)
+        Pool.__new__ = staticmethod(pool_new)  # type: ignore[method-assign,assignment]
+        if original_pool_new is None:
+            self._undo.append(lambda: delattr(Pool, "__new__"))
+        else:
+            self._undo.append(lambda: setattr(Pool, "__new__", original_pool_new))
 
         original_session_init = Session.__dict__["__init__"]
 
@@ -396,8 +425,8 @@ class Ledger:
         self._patch(Engine, "dispose", dispose)
 
     def _sa_pool_created(self, pool: Any) -> None:
-        # Called at the end of Pool.__init__, before a QueuePool has set its size: the
-        # capacity is read at the first checkout.
+        # Called from Pool.__new__, before any __init__ ran: the capacity is read at the
+        # first checkout, the reset style when it is needed.
         info = PoolInfo(
             "SQLAlchemy engine", self.owner(), capture_frames(2), weakref.ref(pool), capacity=-1
         )
@@ -479,6 +508,10 @@ class Ledger:
         record = self.open.pop(id(rec), None)
         if record is not None:
             self._sa_release(record)
+        pid = self._sa_pid.get(id(dbapi_connection))
+        physical = self.physical.get(pid) if pid is not None else None
+        if physical is not None:  # the pool's reset has run by now
+            physical.in_transaction = _in_transaction(dbapi_connection)
 
     def _sa_detach(self, dbapi_connection: Any, rec: Any) -> None:
         record = self.open.pop(id(rec), None)
@@ -770,6 +803,21 @@ class Ledger:
         if physical.closed:
             return "closed"
         return "pooled"
+
+    def holds_any(self) -> bool:
+        """Whether any connection is checked out or open, whoever owns it."""
+        return any(record.is_open() for record in self.open.values())
+
+    def idle_in_pool(self, pid: int) -> bool:
+        """A backend the ledger knows, resting in a pool outside any transaction.
+
+        asyncpg and psycopg_pool roll back whatever a returned connection left open; for a
+        SQLAlchemy pool the driver was asked at check-in.
+        """
+        physical = self.physical.get(pid)
+        if physical is None or physical.closed or physical.in_transaction:
+            return False
+        return not any(record.pid == pid for record in self.open.values())
 
     def scan_pools(self) -> None:
         """Learn the pids of idle connections inside asyncpg and psycopg_pool pools."""
