@@ -420,16 +420,24 @@ def write_project(root: Path, ini: str, **files: str) -> Path:
     return root
 
 
-def run(project: Path, server_url: str, *args: str, timeout: float = 180):
-    """pytest --leak-check on `project`, in a fresh interpreter, on the given server."""
+def run(project: Path, server_url: str | None, *args: str, timeout: float = 180):
+    """pytest --leak-check on `project`, in a fresh interpreter, on the given server.
+
+    With `server_url` None the run starts its own local cluster (--leak-check-db=local), whose
+    connection log lets the detector skip the per-test server query when nothing changed.
+    """
     env = {
         name: value
         for name, value in os.environ.items()
         if not name.startswith(("CONNGUARD_", "PYTEST_", "DATABASE_URL"))
     }
+    backend = (
+        ["--leak-check-db=local"]
+        if server_url is None
+        else ["--leak-check-db=url", f"--leak-check-db-url={server_url}"]
+    )
     command = [
-        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--leak-check",
-        "--leak-check-db=url", f"--leak-check-db-url={server_url}", *args,
+        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--leak-check", *backend, *args,
     ]  # fmt: skip
     return subprocess.run(
         command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout

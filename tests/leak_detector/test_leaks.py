@@ -54,13 +54,16 @@ EXPECTED_KINDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def leaky_run(server_url, tmp_path_factory):
+# "url": every test asks the server. "local": the run's own cluster, whose connection log lets
+# the detector skip that question when nothing can have changed; the verdicts must not change.
+@pytest.fixture(scope="module", params=["url", "local"])
+def leaky_run(request, server_url, tmp_path_factory):
     project = write_project(
         tmp_path_factory.mktemp("leaky"), INI_AUTO_SESSION,
         conftest=CONFTEST, test_leaky=TEST_LEAKY,
     )  # fmt: skip
-    result = run(project, server_url, "--leak-check-report=report.json", "-rA")
+    url = server_url if request.param == "url" else None
+    result = run(project, url, "--leak-check-report=report.json", "-rA")
     return project, result, load_report(project / "report.json")
 
 
@@ -203,13 +206,20 @@ def clean_project(tmp_path_factory):
 # Three consecutive runs of the clean suite (the 20-run check is in
 # benchmarks/bench_leak_check.py --false-positives 20).
 @pytest.mark.parametrize(
-    "extra",
-    [(), ("-p", "xdist", "-n", "2"), ()],
-    ids=["serial", "xdist-n2", "serial-again"],
+    ("backend", "extra"),
+    [
+        ("url", ()),
+        ("url", ("-p", "xdist", "-n", "2")),
+        ("url", ()),
+        ("local", ()),
+        ("local", ("-p", "xdist", "-n", "2")),
+    ],
+    ids=["serial", "xdist-n2", "serial-again", "local-serial", "local-xdist-n2"],
 )
-def test_clean_suite_passes(server_url, clean_project, extra, tmp_path):
+def test_clean_suite_passes(server_url, clean_project, backend, extra, tmp_path):
     report_path = tmp_path / "report.json"
-    result = run(clean_project, server_url, f"--leak-check-report={report_path}", *extra)
+    url = server_url if backend == "url" else None
+    result = run(clean_project, url, f"--leak-check-report={report_path}", *extra)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "13 passed" in result.stdout
     assert "connguard: " in result.stdout  # the header: the check really ran

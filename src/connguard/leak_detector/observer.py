@@ -6,6 +6,8 @@ the code under test (an async observer would have to share that loop, or block i
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from typing import NamedTuple
 
@@ -36,15 +38,112 @@ class Backend(NamedTuple):
     application_name: str | None
 
 
+# A line of a server log written with log_line_prefix '%m [%p] ' (see provision/local.py).
+_LOG_LINE = re.compile(rb"^[^\[\n]*\[(\d+)\] ([A-Z]+):  (.*)$", re.MULTILINE)
+_AUTHORIZED_DB = re.compile(rb"connection authorized: .*?\bdatabase=(\S+)")
+
+
+class ConnectionLog:
+    """The server's own log of connections: a proof, read with one fstat, that none came or went.
+
+    Only for a server whose log connguard configured and can read (the local backend): it logs
+    with log_connections and log_disconnections, and each backend writes its lines straight
+    to the file. A backend writes "connection received" before it authenticates, and so before
+    pg_stat_activity can list it. So if the log has not grown since the last snapshot was
+    asked for, and every backend it announced before then was listed by that snapshot, has
+    ended, or belongs to another database, the server's set of backends is still that
+    snapshot's, and the next test's round trip can be skipped.
+    """
+
+    def __init__(self, path: str, dbname: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        # Start at the end: every backend that started before is in the first snapshot.
+        self._offset = os.fstat(self._fd).st_size
+        self._partial = b""
+        self._ours = dbname.encode()
+        self._ours_clone = self._ours + b"_t"  # per-test clones, as in the snapshot query
+        # Backends announced by the log and not yet accounted for (listed, ended, elsewhere).
+        self._in_flight: set[int] = set()
+
+    def unchanged(self) -> bool:
+        """Nothing was logged since the last read, and no announced backend is unaccounted."""
+        if os.fstat(self._fd).st_size != self._offset:
+            return False
+        if self._in_flight:
+            self._drop_ended()
+        return not self._in_flight
+
+    def read(self) -> None:
+        """Take in what was logged since the last read; call it before asking for a snapshot."""
+        size = os.fstat(self._fd).st_size
+        if size < self._offset:  # truncated or replaced: nothing can be proven from here
+            self._offset = size
+            self._partial = b""
+            self._in_flight.add(-1)
+            return
+        if size == self._offset:
+            return
+        data = self._partial + os.pread(self._fd, size - self._offset, self._offset)
+        self._offset = size
+        complete, _, self._partial = data.rpartition(b"\n")
+        in_flight = self._in_flight
+        for match in _LOG_LINE.finditer(complete):
+            pid, level, message = int(match[1]), match[2], match[3]
+            if message.startswith(b"connection received"):
+                in_flight.add(pid)
+            elif pid not in in_flight:
+                continue
+            elif level in (b"FATAL", b"PANIC") or message.startswith(b"disconnection"):
+                in_flight.discard(pid)
+            else:
+                database = _AUTHORIZED_DB.search(message)
+                if database is not None and not self._is_ours(database[1]):
+                    in_flight.discard(pid)
+
+    def listed(self, pids) -> None:
+        """A snapshot asked for after the last read listed these backends."""
+        self._in_flight.difference_update(pids)
+
+    def _is_ours(self, name: bytes) -> bool:
+        return name == self._ours or name.startswith(self._ours_clone)
+
+    def _drop_ended(self) -> None:
+        # A backend that exits before authenticating (a cancel request, a refused login)
+        # logs nothing more; the process is gone, and so is the doubt. The server runs on
+        # this machine (that is the only case with a readable log).
+        for pid in list(self._in_flight):
+            if pid < 0:
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                self._in_flight.discard(pid)
+            except OSError:  # exists (EPERM under another account)
+                pass
+
+    def close(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
 class ObserverError(RuntimeError):
     """The observer could not connect or query; the message says why."""
 
 
 class Observer:
-    def __init__(self, url: str, dbname: str) -> None:
+    def __init__(self, url: str, dbname: str, connection_log: str | None = None) -> None:
         import psycopg
 
         self.dbname = dbname
+        self.queries = 0  # snapshots taken from the server
+        self.log: ConnectionLog | None = None
+        if connection_log is not None:
+            try:
+                self.log = ConnectionLog(connection_log, dbname)
+            except OSError:  # unreadable: every test asks the server, as for any other
+                self.log = None
         try:
             # Autocommit is essential: inside a transaction PostgreSQL freezes the first
             # pg_stat_activity snapshot it hands out, so later reads would never see a
@@ -71,6 +170,8 @@ class Observer:
         """Ask for a snapshot now and collect it later: the round trip overlaps pytest's work."""
         if self.broken is not None or self._pending:
             return
+        if self.log is not None:
+            self.log.read()
         try:
             self._pgconn.send_query_prepared(_STATEMENT, [self._dbname])  # raises on failure
             while self._pgconn.flush():
@@ -100,6 +201,8 @@ class Observer:
             self.collect()
         if self.broken is not None:
             return {}
+        if self.log is not None:
+            self.log.read()
         try:
             return self._store(self._pgconn.exec_prepared(_STATEMENT, [self._dbname]))
         except Exception as error:
@@ -124,6 +227,9 @@ class Observer:
                 _text(value(row, 5)),
             )
         self.last = found
+        self.queries += 1
+        if self.log is not None:
+            self.log.listed(found)
         return found
 
     def _broke(self, error: BaseException) -> None:
@@ -147,7 +253,13 @@ class Observer:
             current = self.snapshot()
         return current
 
+    @property
+    def pending(self) -> bool:
+        return self._pending
+
     def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
         try:
             self._conn.close()
         except Exception:

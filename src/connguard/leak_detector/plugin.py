@@ -9,7 +9,7 @@ else (no driver import, no server). With it:
    environment they inherit (and `workerinput["connguard"]`). Every process that runs tests
    creates its own database and, if `leak_check_url_env` names a variable, sets it to that
    database's URL, so an app imported by a conftest.py already sees it.
-2. It registers `connguard.leak_detector.detect.LeakDetector(config, database)` as plugin
+2. It registers `connguard.leak_detector.detect.LeakDetector(config, database, server)` as plugin
    "connguard-leak-detector" (skipped while that module does not exist). On the xdist
    controller, which runs no tests, `database` is None.
 3. pytest_unconfigure (trylast), after the detector has counted: drop the databases, stop the
@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     run = _begin(config)
     if run is not None:
-        _register_detector(config, run.database)
+        _register_detector(config, run.database, run.server)
 
 
 def _begin(config: pytest.Config) -> LeakCheckRun | None:
@@ -78,14 +78,14 @@ def _begin(config: pytest.Config) -> LeakCheckRun | None:
     return run
 
 
-def _register_detector(config: pytest.Config, database) -> None:
+def _register_detector(config: pytest.Config, database, server) -> None:
     try:
         from .detect import LeakDetector
     except ModuleNotFoundError as error:
         if error.name == f"{__package__}.detect":
             return  # provisioning works alone while the detector is being built
         raise
-    config.pluginmanager.register(LeakDetector(config, database), "connguard-leak-detector")
+    config.pluginmanager.register(LeakDetector(config, database, server), "connguard-leak-detector")
 
 
 def _run_of(config: pytest.Config) -> LeakCheckRun | None:

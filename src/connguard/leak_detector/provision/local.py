@@ -46,6 +46,17 @@ SPEED_SETTINGS = {
     "dynamic_shared_memory_type": "mmap",
     "log_min_messages": "warning",
 }
+# The connection log the leak detector reads (observer.ConnectionLog): a line for every
+# connection and disconnection, in a fixed language and prefix, written by each backend
+# straight to the file (no logging collector in between).
+CONNECTION_LOG_SETTINGS = {
+    "logging_collector": "off",
+    "log_destination": "stderr",
+    "log_connections": "on",
+    "log_disconnections": "on",
+    "log_line_prefix": "%m [%p] ",
+    "lc_messages": "C",
+}
 UNPRIVILEGED_ACCOUNTS = ("postgres", "nobody")
 _PR_SET_PDEATHSIG = 1
 
@@ -247,6 +258,7 @@ class LocalProvider:
                 "socket_dir": str(self.root),
                 "bindir": str(bindir),
                 "initdb_cache": "hit" if self.cache_hit else "miss",
+                "connection_log": str(self.root / "postgres.log"),
             },
         )
 
@@ -335,7 +347,7 @@ class LocalProvider:
             "-c",
             f"max_connections={self.max_connections}",
         ]
-        for name, value in SPEED_SETTINGS.items():
+        for name, value in {**SPEED_SETTINGS, **CONNECTION_LOG_SETTINGS}.items():
             args += ["-c", f"{name}={value}"]
         log = open(self.root / "postgres.log", "ab")  # noqa: SIM115 - handed to the child
         try:

@@ -1,0 +1,213 @@
+"""The local backend's connection log: the per-test server query is skipped only when it is proven
+unnecessary, and the verdicts stay those of a run that asks the server after every test."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import psycopg
+import pytest
+from leak_projects import CONFTEST, INI_AUTO_SESSION, load_report, run, write_project
+
+from connguard.leak_detector.observer import ConnectionLog
+from connguard.leak_detector.provision.local import LocalProvider, find_bindir
+
+pytestmark = pytest.mark.skipif(
+    find_bindir()[0] is None, reason="no PostgreSQL server binaries on this machine"
+)
+
+
+@pytest.fixture(scope="module")
+def local_server():
+    provider = LocalProvider()
+    server = provider.start()
+    try:
+        yield server
+    finally:
+        provider.stop()
+
+
+def _until(condition, budget: float = 5.0) -> bool:
+    deadline = time.monotonic() + budget
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def test_connection_log_accounts_for_every_backend(local_server):
+    log = ConnectionLog(local_server.details["connection_log"], "postgres")
+    try:
+        assert log.unchanged()
+
+        # A client that connects and says nothing: the backend logged its arrival and is not
+        # yet in pg_stat_activity (it has not authenticated). Until it is gone, nothing is
+        # proven, even once its line has been read.
+        host, port = "127.0.0.1", int(local_server.url.rsplit(":", 1)[1].split("/")[0])
+        silent = socket.create_connection((host, port))
+        assert _until(lambda: not log.unchanged())
+        log.read()
+        assert not log.unchanged()
+        silent.close()  # the backend exits without another line; its process is gone
+        assert _until(log.unchanged)
+
+        # A connection to the watched database: read, then listed by a snapshot.
+        with psycopg.connect(local_server.url, autocommit=True) as watched:
+            assert not log.unchanged()
+            log.read()
+            assert not log.unchanged()  # announced, not yet seen in a snapshot
+            log.listed({watched.info.backend_pid})
+            assert log.unchanged()
+
+            # A connection to another database is not this run's: reading it is enough.
+            other_url = local_server.url.rsplit("/", 1)[0] + "/template1"
+            with psycopg.connect(other_url, autocommit=True):
+                assert not log.unchanged()
+                log.read()
+                assert log.unchanged()
+        # Disconnections are logged too: the set changed, so the next test asks again.
+        assert _until(lambda: not log.unchanged())
+        log.read()
+        assert log.unchanged()
+    finally:
+        log.close()
+
+
+GATED = """
+import asyncio
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+import pytest_asyncio
+
+from conftest import SA_URL
+
+KEEP = []
+HOLDER = (
+    "import os, sys, psycopg; c = psycopg.connect(os.environ['DATABASE_URL']); "
+    "c.execute('select 42'); print('connected', flush=True); sys.stdin.read()"
+)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def lifo_engine():
+    # LIFO: the next checkout gets the connection the last test returned
+    eng = create_async_engine(SA_URL, pool_size=5, pool_use_lifo=True)
+    yield eng
+    await eng.dispose()
+
+
+async def quiet(engine):
+    async with AsyncSession(engine) as session:
+        assert (await session.execute(text("select 1"))).scalar() == 1
+
+
+@pytest.mark.parametrize("n", range(4))
+async def test_quiet_before(engine, n):
+    await quiet(engine)
+
+
+def test_unseen_connection_from_a_subprocess():
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "connected"
+    KEEP.append(holder)
+
+
+def test_subprocess_ends():
+    holder = KEEP.pop()
+    holder.stdin.close()
+    assert holder.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("n", range(3))
+async def test_quiet_after_the_subprocess(engine, n):
+    await quiet(engine)
+
+
+async def test_cancelled_query(apool):
+    # asyncpg cancels through a new connection that logs its arrival and nothing else
+    async with apool.acquire() as con:
+        with pytest.raises(asyncio.TimeoutError):
+            await con.execute("select pg_sleep(5)", timeout=0.05)
+
+
+@pytest.mark.parametrize("n", range(3))
+async def test_quiet_after_the_cancel(engine, apool, n):
+    await quiet(engine)
+    async with apool.acquire() as con:
+        await con.execute("select 1")
+
+
+async def test_pool_warm(lifo_engine):
+    await quiet(lifo_engine)
+
+
+async def test_transaction_behind_sqlalchemys_back(lifo_engine):
+    # SQLAlchemy's reset cannot end a transaction begun on the driver: no connection comes
+    # or goes, and yet the pooled backend is now idle in transaction
+    async with lifo_engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        await raw.driver_connection.execute("begin; select 2")
+
+
+async def test_transaction_ended(lifo_engine):
+    async with lifo_engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        await raw.driver_connection.execute("rollback")
+
+
+@pytest.mark.parametrize("n", range(4))
+async def test_quiet_at_the_end(engine, n):
+    await quiet(engine)
+"""
+
+
+def _verdicts(report: dict) -> dict[str, tuple]:
+    return {
+        result["owner"].split("::")[-1]: (
+            result["fails"],
+            [leak["kind"] for leak in result["leaks"]],
+            [warning["category"] for warning in result["warnings"]],
+        )
+        for result in report["results"]
+    }
+
+
+def test_skips_only_what_the_log_proves_and_misses_nothing(local_server, tmp_path):
+    runs = {}
+    for backend in ("url", "local"):
+        (tmp_path / backend).mkdir()
+        project = write_project(
+            tmp_path / backend, INI_AUTO_SESSION, conftest=CONFTEST, test_gated=GATED
+        )
+        url = local_server.url if backend == "url" else None
+        result = run(project, url, "--leak-check-report=report.json")
+        runs[backend] = (result, load_report(project / "report.json"))
+
+    expected = {
+        "test_unseen_connection_from_a_subprocess": (
+            True,
+            ["database connection (not seen by the client ledger)"],
+            ["idle-in-transaction"],  # the subprocess's connection, after its select
+        ),
+        "test_transaction_behind_sqlalchemys_back": (False, [], ["idle-in-transaction"]),
+    }
+    tests = 21
+    for backend, (result, report) in runs.items():
+        summary = result.stdout.splitlines()[-1]
+        assert f"{tests - 1} passed" in summary and "1 error" in summary, result.stdout
+        assert _verdicts(report) == expected, (backend, result.stdout)
+
+    url_report, local_report = runs["url"][1], runs["local"][1]
+    assert not url_report["connection_log"] and local_report["connection_log"]
+    # Without a log the server is asked at least once per test; with it, only when the log
+    # or the ledger shows that something may have changed: not for the 14 quiet tests.
+    assert url_report["server_snapshots"] > tests
+    saved = url_report["server_snapshots"] - local_report["server_snapshots"]
+    assert saved >= 12, (url_report["server_snapshots"], local_report["server_snapshots"])
