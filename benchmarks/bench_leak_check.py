@@ -1,13 +1,19 @@
 """Overhead of `pytest --leak-check`: a generated suite of database tests, with and without it.
 
 Generates N tests (default 500) that each check a session out of a session-scoped async engine
-and run a query, then runs the suite alternately without and with --leak-check against the same
-local PostgreSQL (started once here), several rounds. Prints the median added time per clean
-test (goal <= 0.3 ms) and the whole-suite ratio (goal <= 1.05), both measured in this run.
-The suite ratio is read two ways, each labelled: the tests' span (first test start to last
-test end) and the whole pytest process (start to exit, as a user times it).
+and run a query, then runs the suite alternately without --leak-check (against a local
+PostgreSQL started once here) and with it, several rounds. Two ways with it, each reported:
 
-    .venv/bin/python benchmarks/bench_leak_check.py [--tests 500] [--rounds 3]
+- local: --leak-check-db=local, the run's own cluster, whose connection log lets the detector
+  skip the per-test pg_stat_activity query when nothing can have changed;
+- url: --leak-check-db=url on the cluster started here, which asks the server after every test.
+
+Prints the median added time per clean test (goal <= 0.3 ms) and the whole-suite ratio
+(goal <= 1.05), both measured in this run. The suite ratio is read two ways, each labelled:
+the tests' span (first test start to last test end) and the whole pytest process (start to
+exit, as a user times it).
+
+    .venv/bin/python benchmarks/bench_leak_check.py [--tests 500] [--rounds 5] [--backend local url]
 
 With --false-positives N it instead runs the clean suite of the leak-detector tests
 (tests/leak_detector/leak_projects.py: pooled idle connections, session-scoped engines and
@@ -113,6 +119,10 @@ def make_suite(root: Path, count: int, work: str) -> None:
 
 def run_suite(root: Path, args: list[str], env: dict[str, str]) -> dict:
     times_file = root / "times.json"
+    report = root / "leak-report.json"
+    report.unlink(missing_ok=True)
+    if args:
+        args = [*args, f"--leak-check-report={report}"]
     env = {**env, "BENCH_TIMES": str(times_file)}
     started = time.perf_counter()
     result = subprocess.run(
@@ -122,7 +132,8 @@ def run_suite(root: Path, args: list[str], env: dict[str, str]) -> dict:
     wall = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"suite failed ({' '.join(args) or 'baseline'}):\n{result.stdout[-3000:]}")
-    return {**json.loads(times_file.read_text()), "wall": wall}
+    snapshots = json.loads(report.read_text())["server_snapshots"] if report.exists() else None
+    return {**json.loads(times_file.read_text()), "wall": wall, "snapshots": snapshots}
 
 
 def false_positives(runs: int) -> int:
@@ -166,11 +177,68 @@ def _verdict(ok: bool) -> str:
     return "OK" if ok else "OVER"
 
 
+def _report(label: str, plain_runs: list[dict], checked_runs: list[dict]) -> None:
+    plain_median = statistics.median(t for run in plain_runs for t in run["times"])
+    checked_median = statistics.median(t for run in checked_runs for t in run["times"])
+    # The suite: wall time from the first test's start to the last test's end (collection,
+    # provisioning and interpreter start are outside it), median over the rounds.
+    plain_total = statistics.median(run["span"] for run in plain_runs)
+    checked_total = statistics.median(run["span"] for run in checked_runs)
+    added_ms = (checked_median - plain_median) * 1000
+    ratio = checked_total / plain_total
+    # Paired by round (each pair ran back to back), which cancels most of the drift of a
+    # shared machine's load between rounds.
+    pairs = list(zip(plain_runs, checked_runs, strict=True))
+    paired_added = (
+        statistics.median(
+            statistics.median(c["times"]) - statistics.median(p["times"]) for p, c in pairs
+        )
+        * 1000
+    )
+    paired_ratio = statistics.median(c["span"] / p["span"] for p, c in pairs)
+    # The whole pytest process, start to exit: what a user waits for. Besides the tests it
+    # holds interpreter start, imports, collection and, with --leak-check only, the
+    # provisioner's work (a database, or a whole local cluster, and the observer).
+    plain_wall = statistics.median(run["wall"] for run in plain_runs)
+    checked_wall = statistics.median(run["wall"] for run in checked_runs)
+    wall_ratio = checked_wall / plain_wall
+    paired_wall = statistics.median(c["wall"] / p["wall"] for p, c in pairs)
+    snapshots = statistics.median(run.get("snapshots") or 0 for run in checked_runs)
+    rounds = ", ".join(
+        f"{statistics.median(p['times']) * 1000:.3f}/{statistics.median(c['times']) * 1000:.3f}"
+        for p, c in pairs
+    )
+    print(f"[{label}] per-round median ms without/with: {rounds}")
+    print(
+        f"[{label}] median per test: without {plain_median * 1000:.3f} ms, "
+        f"with --leak-check {checked_median * 1000:.3f} ms; "
+        f"server snapshots per run: {snapshots:.0f}"
+    )
+    print(
+        f"[{label}] median added time per clean test (goal <= 0.3 ms): "
+        f"{added_ms:.3f} ms over all tests {_verdict(added_ms <= 0.3)}, "
+        f"{paired_added:.3f} ms paired by round {_verdict(paired_added <= 0.3)}"
+    )
+    print(
+        f"[{label}] whole suite (goal ratio <= 1.05): without {plain_total:.3f} s, "
+        f"with {checked_total:.3f} s, ratio {ratio:.3f} {_verdict(ratio <= 1.05)}, "
+        f"{paired_ratio:.3f} paired by round {_verdict(paired_ratio <= 1.05)} "
+        f"(first test start to last test end)"
+    )
+    print(
+        f"[{label}] whole pytest process (start to exit, incl. startup, collection and "
+        f"--leak-check provisioning): without {plain_wall:.3f} s, with {checked_wall:.3f} s, "
+        f"ratio {wall_ratio:.3f} {_verdict(wall_ratio <= 1.05)}, "
+        f"{paired_wall:.3f} paired by round {_verdict(paired_wall <= 1.05)}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tests", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", nargs="+", choices=sorted(TESTS), default=["light", "typical"])
+    parser.add_argument("--backend", nargs="+", choices=["local", "url"], default=["local", "url"])
     parser.add_argument("--false-positives", type=int, metavar="N", default=0)
     options = parser.parse_args()
     if options.false_positives:
@@ -182,96 +250,47 @@ def main() -> int:
 
     provider = LocalProvider(max_connections=100)
     server = provider.start()
-    base_db = "bench_baseline"
     try:
-        create_database(server.url, base_db)
         env = {
             k: v
             for k, v in os.environ.items()
             if not k.startswith(("CONNGUARD_", "PYTEST_", "DATABASE_URL"))
         }
-        baseline_env = {**env, "DATABASE_URL": with_database(server.url, base_db)}
-        checked_args = [
-            "--leak-check",
-            "--leak-check-db=url",
-            f"--leak-check-db-url={server.url}",
-            "--leak-check-url-env=DATABASE_URL",
-        ]
-        runs: dict[str, tuple[list[dict], list[dict]]] = {}
+        common = ["--leak-check", "--leak-check-url-env=DATABASE_URL"]
+        checked_args = {
+            "local": [*common, "--leak-check-db=local"],
+            "url": [*common, "--leak-check-db=url", f"--leak-check-db-url={server.url}"],
+        }
+        runs: dict[str, dict[str, list[dict]]] = {}
         for work in options.work:
             with tempfile.TemporaryDirectory(prefix="bench-leak-") as tmp:
                 root = Path(tmp)
                 make_suite(root, options.tests, work)
-                run_suite(root, [], baseline_env)  # warm caches (imports, pyc files)
-                plain_runs, checked_runs = [], []
-                for _ in range(options.rounds):
-                    plain_runs.append(run_suite(root, [], baseline_env))
-                    checked_runs.append(run_suite(root, checked_args, env))
-            runs[work] = (plain_runs, checked_runs)
-        drop_databases(server.url, [base_db])
+                found: dict[str, list[dict]] = {"plain": [], **{b: [] for b in options.backend}}
+                for number in range(-1, options.rounds):  # round -1 warms caches, not counted
+                    # A fresh database for each baseline run too, as --leak-check makes one:
+                    # the first connections to a new database cost the server extra work.
+                    base_db = f"bench_baseline_{work}_{number + 1}"
+                    create_database(server.url, base_db)
+                    baseline_env = {**env, "DATABASE_URL": with_database(server.url, base_db)}
+                    plain = run_suite(root, [], baseline_env)
+                    checked = {b: run_suite(root, checked_args[b], env) for b in options.backend}
+                    drop_databases(server.url, [base_db])
+                    if number >= 0:
+                        found["plain"].append(plain)
+                        for backend, result in checked.items():
+                            found[backend].append(result)
+            runs[work] = found
     finally:
         provider.stop()
 
     print(
         f"{options.tests} generated tests, {options.rounds} rounds each way, alternating, "
-        f"PostgreSQL {server.version} (local backend), load average {os.getloadavg()[0]:.2f}"
+        f"PostgreSQL {server.version}, load average {os.getloadavg()[0]:.2f}"
     )
-    for work, (plain_runs, checked_runs) in runs.items():
-        plain_median = statistics.median(t for run in plain_runs for t in run["times"])
-        checked_median = statistics.median(t for run in checked_runs for t in run["times"])
-        # The suite: wall time from the first test's start to the last test's end (collection,
-        # provisioning and interpreter start are outside it), median over the rounds.
-        plain_total = statistics.median(run["span"] for run in plain_runs)
-        checked_total = statistics.median(run["span"] for run in checked_runs)
-        added_ms = (checked_median - plain_median) * 1000
-        ratio = checked_total / plain_total
-        # Paired by round (each pair ran back to back), which cancels most of the drift of a
-        # shared machine's load between rounds.
-        paired_added = (
-            statistics.median(
-                statistics.median(c["times"]) - statistics.median(p["times"])
-                for p, c in zip(plain_runs, checked_runs, strict=True)
-            )
-            * 1000
-        )
-        paired_ratio = statistics.median(
-            c["span"] / p["span"] for p, c in zip(plain_runs, checked_runs, strict=True)
-        )
-        # The whole pytest process, start to exit: what a user waits for. Besides the tests it
-        # holds interpreter start, imports, collection and, with --leak-check only, the
-        # provisioner's work (create and drop the run's database, connect the observer).
-        plain_wall = statistics.median(run["wall"] for run in plain_runs)
-        checked_wall = statistics.median(run["wall"] for run in checked_runs)
-        wall_ratio = checked_wall / plain_wall
-        paired_wall = statistics.median(
-            c["wall"] / p["wall"] for p, c in zip(plain_runs, checked_runs, strict=True)
-        )
-        rounds = ", ".join(
-            f"{statistics.median(p['times']) * 1000:.3f}/{statistics.median(c['times']) * 1000:.3f}"
-            for p, c in zip(plain_runs, checked_runs, strict=True)
-        )
-        print(f"[{work}] per-round median ms without/with: {rounds}")
-        print(
-            f"[{work}] median per test: without {plain_median * 1000:.3f} ms, "
-            f"with --leak-check {checked_median * 1000:.3f} ms"
-        )
-        print(
-            f"[{work}] median added time per clean test (goal <= 0.3 ms): "
-            f"{added_ms:.3f} ms over all tests {_verdict(added_ms <= 0.3)}, "
-            f"{paired_added:.3f} ms paired by round {_verdict(paired_added <= 0.3)}"
-        )
-        print(
-            f"[{work}] whole suite (goal ratio <= 1.05): without {plain_total:.3f} s, "
-            f"with {checked_total:.3f} s, ratio {ratio:.3f} {_verdict(ratio <= 1.05)}, "
-            f"{paired_ratio:.3f} paired by round {_verdict(paired_ratio <= 1.05)} "
-            f"(first test start to last test end)"
-        )
-        print(
-            f"[{work}] whole pytest process (start to exit, incl. startup, collection and "
-            f"--leak-check provisioning): without {plain_wall:.3f} s, with {checked_wall:.3f} s, "
-            f"ratio {wall_ratio:.3f} {_verdict(wall_ratio <= 1.05)}, "
-            f"{paired_wall:.3f} paired by round {_verdict(paired_wall <= 1.05)}"
-        )
+    for work, found in runs.items():
+        for backend in options.backend:
+            _report(f"{work}, {backend}", found["plain"], found[backend])
     return 0
 
 
