@@ -116,9 +116,7 @@ def test_create_engine_keeps_its_pool_arguments_while_installed():
     # ledger must see every pool without hiding them.
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    ledger = Ledger(lambda: None)
-    ledger.install()
-    try:
+    async def create() -> None:
         engine = create_async_engine(
             "postgresql+asyncpg://user@127.0.0.1:1/db",
             pool_size=3,
@@ -127,10 +125,18 @@ def test_create_engine_keeps_its_pool_arguments_while_installed():
             pool_reset_on_return=None,
             pool_logging_name="p",
         )
-        pool = engine.sync_engine.pool
-        assert (pool.size(), pool._recycle, pool._pre_ping) == (3, 30, True)
-        assert pool._reset_on_return.name == "reset_none"
-        assert [i for i in ledger.pools if i.target() is pool]  # seen at creation
+        try:
+            pool = engine.sync_engine.pool
+            assert (pool.size(), pool._recycle, pool._pre_ping) == (3, 30, True)
+            assert pool._reset_on_return.name == "reset_none"
+            assert [i for i in ledger.pools if i.target() is pool]  # seen at creation
+        finally:
+            await engine.dispose()
+
+    ledger = Ledger(lambda: None)
+    ledger.install()
+    try:
+        asyncio.run(create())
     finally:
         ledger.uninstall()
 
