@@ -18,7 +18,7 @@ exit, as a user times it).
 With --false-positives N it instead runs the clean suite of the leak-detector tests
 (tests/leak_detector/leak_projects.py: pooled idle connections, session-scoped engines and
 pools, close in finally, finished background tasks, ...) N times serially and N times with
-`-n 2`, and prints how many runs reported anything (goal: 0).
+`-n 2`, on each backend, and prints how many runs reported anything (goal: 0).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def run_suite(root: Path, args: list[str], env: dict[str, str]) -> dict:
     return {**json.loads(times_file.read_text()), "wall": wall, "snapshots": snapshots}
 
 
-def false_positives(runs: int) -> int:
+def false_positives(runs: int, backends: list[str]) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "leak_detector"))
     from leak_projects import CONFTEST as CLEAN_CONFTEST
     from leak_projects import INI_AUTO_SESSION, TEST_CLEAN, run, write_project
@@ -151,11 +151,15 @@ def false_positives(runs: int) -> int:
             project = write_project(
                 Path(tmp), INI_AUTO_SESSION, conftest=CLEAN_CONFTEST, test_clean=TEST_CLEAN
             )
-            for label, extra in (("serial", ()), ("-n 2", ("-p", "xdist", "-n", "2"))):
+            for label, url, extra in [
+                (f"{backend}, {mode}", server.url if backend == "url" else None, extra)
+                for backend in backends
+                for mode, extra in (("serial", ()), ("-n 2", ("-p", "xdist", "-n", "2")))
+            ]:
                 reported = 0
                 for number in range(runs):
                     report = Path(tmp) / f"report-{number}.json"
-                    result = run(project, server.url, f"--leak-check-report={report}", *extra)
+                    result = run(project, url, f"--leak-check-report={report}", *extra)
                     results = json.loads(report.read_text())["results"] if report.exists() else None
                     if result.returncode != 0 or results != []:
                         reported += 1
@@ -242,7 +246,7 @@ def main() -> int:
     parser.add_argument("--false-positives", type=int, metavar="N", default=0)
     options = parser.parse_args()
     if options.false_positives:
-        return false_positives(options.false_positives)
+        return false_positives(options.false_positives, options.backend)
 
     from connguard.leak_detector.provision import with_database
     from connguard.leak_detector.provision.janitor import create_database, drop_databases
