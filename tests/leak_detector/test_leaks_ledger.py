@@ -36,6 +36,20 @@ def test_capture_walks_from_a_child_greenlet_into_the_parent():
     )
 
 
+def test_inside_sqlalchemys_greenlet_the_walk_starts_at_the_awaiting_coroutine():
+    from sqlalchemy.util import greenlet_spawn
+
+    def sqlalchemys_sync_side():
+        return capture_frames(skip=0)
+
+    async def the_users_coroutine():
+        return await greenlet_spawn(sqlalchemys_sync_side)
+
+    names = [code.co_name for code, _ in asyncio.run(the_users_coroutine())]
+    assert "sqlalchemys_sync_side" not in names  # not walked: every frame read costs its owner
+    assert names == ["greenlet_spawn", "the_users_coroutine"]
+
+
 def test_lines_are_the_lines_being_executed():
     frames = user_frames(capture_frames(skip=0))  # this line
     (path, line, name) = frames[0]

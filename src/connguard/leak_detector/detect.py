@@ -80,6 +80,13 @@ class LeakDetector:
         self._usage_errors: dict[str, str] = {}
         self._marked = False
         self._marked_ids: set[str] = set()  # tests with @pytest.mark.leak_check, from collection
+        # What _server_unchanged concluded of a snapshot, valid while the ledger's version holds.
+        self._vetted: dict[int, Backend] | None = None
+        self._vetted_version = -1
+        self._vetted_quiet = False
+        self._unchanged_at_call = False
+        self._pools_at_begin = 0
+        self._run_threshold: float | None = None  # the pool threshold of unmarked tests
         self.ledger: Ledger | None = None
         self.observer: Observer | None = None
         if database is None:  # the xdist controller runs no tests: it only summarizes
@@ -153,6 +160,8 @@ class LeakDetector:
         self._checked = False
         self._item_outcomes = []
         self._task_held = []
+        self._unchanged_at_call = False
+        self._pools_at_begin = len(self.ledger.pools)
         for info in self.ledger.pools:
             info.peak = info.checked_out
         last = self.observer.last
@@ -197,11 +206,15 @@ class LeakDetector:
                 CURRENT_OWNER.set(None)
             self._flag_running_tasks()
             # The server snapshot for this test travels while pytest reports the call and
-            # tears the fixtures down; _evaluate collects it.
-            if not self._server_unchanged():
+            # tears the fixtures down; _evaluate collects it. With a connection log it is
+            # often proven unnecessary instead.
+            self._unchanged_at_call = self._server_unchanged()
+            if not self._unchanged_at_call:
                 self.observer.send()
 
     def _flag_running_tasks(self) -> None:
+        if not self.ledger.open:
+            return
         owner = self._test_owner
         for record in self.ledger.open_records(lambda o: o is owner):
             task = record.task() if record.task is not None else None
@@ -227,6 +240,18 @@ class LeakDetector:
         if self._checked or item is None:
             return
         self._checked = True
+        ledger = self.ledger
+        if (
+            self._unchanged_at_call
+            and not self._registered
+            and not ledger.open
+            and not ledger.reclaimed
+            and len(ledger.pools) == self._pools_at_begin
+            and not self._threshold_warnings(item)
+        ):
+            # The common clean test: no fixture ran since the call phase, which found the
+            # server unchanged and nothing held; nothing is held now and no pool was made.
+            return
         nodeid = item.nodeid
 
         def belongs(owner: Owner | None) -> bool:
@@ -279,6 +304,8 @@ class LeakDetector:
 
     def _unreleased(self, belongs) -> list[Record]:
         """Records of these owners still open, and those the garbage collector reclaimed."""
+        if not self.ledger.open and not self.ledger.reclaimed:
+            return []
         records = self.ledger.open_records(belongs)
         if records:
             # A proxy that is garbage but not yet collected still looks open; collecting
@@ -305,16 +332,20 @@ class LeakDetector:
             # function-scoped fixture closed since is still listed, and the ledger explains it;
             # anything else the ledger cannot explain, or any leak, gets a fresh look.
             observer = self.observer
-            if observer.pending or not self._server_unchanged():
-                snapshot = observer.collect()
-            else:
+            # Without function-scoped fixtures nothing ran since the end of the call phase but
+            # pytest's reporting: the answer given then stands, as a snapshot sent then would.
+            unchanged = self._server_unchanged() if self._registered else self._unchanged_at_call
+            if not observer.pending and unchanged:
+                # Proven unchanged since the last snapshot (and so nothing is held: no leak).
                 snapshot = observer.last
-            leaked_pids = {r.pid for r in leaked if r.pid is not None}
-            new = set(snapshot) - set(self._before) - leaked_pids
-            if new:
-                snapshot, unexplained = self._explain(new, snapshot)
-            if leaked or self._idle_tx_changed(snapshot):
-                snapshot = self.observer.snapshot()
+            else:
+                snapshot = observer.collect()
+                leaked_pids = {r.pid for r in leaked if r.pid is not None}
+                new = set(snapshot) - set(self._before) - leaked_pids
+                if new:
+                    snapshot, unexplained = self._explain(new, snapshot)
+                if leaked or self._idle_tx_changed(snapshot):
+                    snapshot = observer.snapshot()
         elif leaked:
             snapshot = self.observer.snapshot()
 
@@ -366,16 +397,22 @@ class LeakDetector:
         observer = self.observer
         log = observer.log
         ledger = self.ledger
-        if log is None or ledger.reclaimed or self._task_held or ledger.holds_any():
+        if log is None or ledger.reclaimed or self._task_held:
+            return False
+        if ledger.open and ledger.holds_any():
             return False
         last = observer.last
         if last is None or not log.unchanged():
             return False
+        if last is self._vetted and ledger.version == self._vetted_version:
+            return self._vetted_quiet  # the same snapshot, and nothing new in the ledger
         if not all(ledger.idle_in_pool(pid) for pid in last):
             ledger.scan_pools()  # learn the idle connections of asyncpg and psycopg pools
-            if not all(ledger.idle_in_pool(pid) for pid in last):
-                return False
-        return all(backend.state == "idle" for backend in last.values())
+        self._vetted, self._vetted_version = last, ledger.version
+        self._vetted_quiet = all(
+            backend.state == "idle" and ledger.idle_in_pool(pid) for pid, backend in last.items()
+        )
+        return self._vetted_quiet
 
     def _explain(self, new: set[int], snapshot: dict[int, Backend]):
         """New backends the ledger cannot explain, after they had a moment to go away.
@@ -444,19 +481,22 @@ class LeakDetector:
         )
 
     def _threshold_warnings(self, item: pytest.Item | None) -> list[Warning_]:
-        busy = [p for p in self.ledger.pools if p.peak and p.capacity and p.capacity > 0]
-        if not busy:
-            return []
-        threshold = self._setting("leak_check_pool_threshold", item)
+        if self._marked:
+            threshold = self._setting("leak_check_pool_threshold", item)
+        else:
+            if self._run_threshold is None:
+                self._run_threshold = self._setting("leak_check_pool_threshold", None)
+            threshold = self._run_threshold
         found = []
-        for info in busy:
-            if info.peak > threshold * info.capacity:
+        for info in self.ledger.pools:
+            capacity = info.capacity
+            if info.peak and capacity and capacity > 0 and info.peak > threshold * capacity:
                 frames = user_frames(info.frames)
                 found.append(
                     Warning_(
                         "pool-threshold",
-                        f"peak {info.peak} of {info.capacity} connections of a {info.kind} checked "
-                        f"out at once ({info.peak / info.capacity:.0%} > {threshold:.0%})",
+                        f"peak {info.peak} of {capacity} connections of a {info.kind} checked "
+                        f"out at once ({info.peak / capacity:.0%} > {threshold:.0%})",
                         location(*frames[0]) if frames else None,
                     )
                 )
@@ -465,7 +505,9 @@ class LeakDetector:
     def _idle_in_transaction(
         self, snapshot: dict[int, Backend], leaked: list[Record]
     ) -> list[Warning_]:
-        found = []
+        found: list[Warning_] = []
+        if snapshot is self._before:  # the same snapshot: no state changed
+            return found
         for pid, backend in snapshot.items():
             if not (backend.state or "").startswith("idle in transaction"):
                 continue

@@ -153,15 +153,30 @@ def capture_frames(skip: int = 1, depth: int = _MAX_FRAMES) -> list[Frame]:
 
     SQLAlchemy's asyncio layer runs the sync pool code inside a greenlet whose stack ends at
     the greenlet's start; the user's coroutine frames are in the parent greenlet, suspended
-    in its switch(). The walk stops at the event loop or pluggy, and keeps the instruction
-    offset rather than the line: computing f_lineno scans a line table, which on pytest's
-    large functions costs more than the whole walk.
+    in its switch(). Inside such a greenlet the walk starts in the parent: the child's frames
+    are SQLAlchemy's own (about twenty at a checkout), and reading a frame's f_back makes
+    CPython create a frame object for the caller, which that function then pays for when it
+    returns; skipping them halves what a checkout costs the test. Code the user hands to
+    run_sync() is then located at its run_sync() call.
+
+    The walk stops at the event loop or pluggy, and keeps the instruction offset rather than
+    the line: computing f_lineno scans a line table, which on pytest's large functions costs
+    more than the whole walk.
     """
+    glet = None
+    greenlet = sys.modules.get("greenlet")
+    if greenlet is not None:
+        current = greenlet.getcurrent()
+        if getattr(current, "__sqlalchemy_greenlet_provider__", False) and current.parent:
+            glet = current.parent
+            f = glet.gr_frame
+        else:
+            f = _getframe(skip + 1)
+    else:
+        f = _getframe(skip + 1)
     frames: list[Frame] = []
     append = frames.append
     stop = _STOP
-    f = _getframe(skip + 1)
-    glet = None
     while True:
         while f is not None:
             code = f.f_code
@@ -171,7 +186,6 @@ def capture_frames(skip: int = 1, depth: int = _MAX_FRAMES) -> list[Frame]:
             if len(frames) >= depth:
                 return frames
             f = f.f_back
-        greenlet = sys.modules.get("greenlet")
         if greenlet is None:
             return frames
         glet = (glet or greenlet.getcurrent()).parent
@@ -314,6 +328,9 @@ class Ledger:
         self._detached: dict[int, Record] = {}  # id(dbapi connection) -> record
         self._undo: list[Callable[[], None]] = []
         self._installed: set[str] = set()
+        # Bumped whenever what the ledger knows of a server connection changes (`physical`):
+        # a detector may keep conclusions drawn from it until then.
+        self.version = 0
         self._lock = threading.Lock()
 
     # -- owner
@@ -452,6 +469,7 @@ class Ledger:
         if pid is not None:
             self._sa_pid[id(dbapi_connection)] = pid
             self.physical[pid] = Physical(pid, pool=info)
+            self.version += 1
             # SQLAlchemy opened it through a wrapped raw connect: the pool owns it now.
             for key, record in list(self.open.items()):
                 if record.pid == pid and record.probe is not None:
@@ -463,6 +481,7 @@ class Ledger:
             physical = self.physical.get(pid)
             if physical is not None and not physical.closed:
                 physical.closed = True
+                self.version += 1
                 if physical.pool is not None:
                     physical.pool.live -= 1
 
@@ -511,7 +530,10 @@ class Ledger:
         pid = self._sa_pid.get(id(dbapi_connection))
         physical = self.physical.get(pid) if pid is not None else None
         if physical is not None:  # the pool's reset has run by now
-            physical.in_transaction = _in_transaction(dbapi_connection)
+            in_transaction = _in_transaction(dbapi_connection)
+            if in_transaction != physical.in_transaction:
+                physical.in_transaction = in_transaction
+                self.version += 1
 
     def _sa_detach(self, dbapi_connection: Any, rec: Any) -> None:
         record = self.open.pop(id(rec), None)
@@ -555,6 +577,7 @@ class Ledger:
         self.open[id(connection)] = record
         if record.pid is not None:
             self.physical[record.pid] = Physical(record.pid, pool=pool)
+            self.version += 1
         if pool is not None:
             pool.checked_out += 1
             if pool.checked_out > pool.peak:
@@ -566,6 +589,7 @@ class Ledger:
         pid = _backend_pid(connection)
         if pid is not None and pid not in self.physical:
             self.physical[pid] = Physical(pid)
+            self.version += 1
 
     def _released(self, connection: Any) -> None:
         record = self.open.pop(id(connection), None)
@@ -839,6 +863,7 @@ class Ledger:
                 pid = _backend_pid(connection)
                 if pid is not None and pid not in self.physical:
                     self.physical[pid] = Physical(pid, pool=info)
+                    self.version += 1
 
 
 def _sa_capacity(pool: Any) -> int | None:
