@@ -31,7 +31,7 @@ _getframe = sys._getframe
 OPEN, CLOSED, RECLAIMED = "open", "closed", "reclaimed"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Owner:
     """Who a connection belongs to: a test, or a fixture (with its scope)."""
 
@@ -55,7 +55,7 @@ CURRENT_OWNER: contextvars.ContextVar[Owner | None] = contextvars.ContextVar(
 )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Record:
     """One checkout from a pool or one raw connection, from open to release."""
 
@@ -89,7 +89,7 @@ class Record:
         return True
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PoolInfo:
     """A pool or engine created while the check was active."""
 
@@ -121,7 +121,7 @@ class PoolInfo:
             return False
 
 
-@dataclass
+@dataclass(slots=True)
 class Physical:
     """A server connection the ledger knows, by backend pid."""
 
