@@ -199,7 +199,8 @@ def _report(label: str, plain_runs: list[dict], checked_runs: list[dict]) -> Non
         )
         * 1000
     )
-    paired_ratio = statistics.median(c["span"] / p["span"] for p, c in pairs)
+    paired_ratios = sorted(c["span"] / p["span"] for p, c in pairs)
+    paired_ratio = statistics.median(paired_ratios)
     # The whole pytest process, start to exit: what a user waits for. Besides the tests it
     # holds interpreter start, imports, collection and, with --leak-check only, the
     # provisioner's work (a database, or a whole local cluster, and the observer).
@@ -227,7 +228,8 @@ def _report(label: str, plain_runs: list[dict], checked_runs: list[dict]) -> Non
         f"[{label}] whole suite (goal ratio <= 1.05): without {plain_total:.3f} s, "
         f"with {checked_total:.3f} s, ratio {ratio:.3f} {_verdict(ratio <= 1.05)}, "
         f"{paired_ratio:.3f} paired by round {_verdict(paired_ratio <= 1.05)} "
-        f"(first test start to last test end)"
+        f"(rounds {paired_ratios[0]:.3f}-{paired_ratios[-1]:.3f}; first test start to last "
+        f"test end)"
     )
     print(
         f"[{label}] whole pytest process (start to exit, incl. startup, collection and "
