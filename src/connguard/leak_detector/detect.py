@@ -6,7 +6,9 @@ Registered by plugin.py only with --leak-check. Per test:
    runs (and, through a context variable, for the tasks and threads it starts).
 2. end of the call phase: a connection still held by a task the test started and that is still
    running is a leak, even if a later teardown cancels that task. The server snapshot is sent
-   now and collected at step 3, so its round trip overlaps pytest's own teardown work.
+   now and collected at step 3, so its round trip overlaps pytest's own teardown work; on the
+   local backend it is skipped when the server's connection log proves nothing changed
+   (see _server_unchanged and observer.ConnectionLog).
 3. after the test's function-scoped fixtures are finalized, and before any wider-scoped fixture
    is: the test's open records, plus checkouts whose proxy the garbage collector reclaimed, plus
    backends that appeared on the server that the ledger cannot explain, are its leaks.
