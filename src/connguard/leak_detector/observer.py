@@ -64,10 +64,11 @@ class ConnectionLog:
         self._ours_clone = self._ours + b"_t"  # per-test clones, as in the snapshot query
         # Backends announced by the log and not yet accounted for (listed, ended, elsewhere).
         self._in_flight: set[int] = set()
+        self._lost = False  # the file shrank: nothing can be proven from it any more
 
     def unchanged(self) -> bool:
         """Nothing was logged since the last read, and no announced backend is unaccounted."""
-        if os.fstat(self._fd).st_size != self._offset:
+        if self._lost or os.fstat(self._fd).st_size != self._offset:
             return False
         if self._in_flight:
             self._drop_ended()
@@ -76,10 +77,8 @@ class ConnectionLog:
     def read(self) -> None:
         """Take in what was logged since the last read; call it before asking for a snapshot."""
         size = os.fstat(self._fd).st_size
-        if size < self._offset:  # truncated or replaced: nothing can be proven from here
-            self._offset = size
-            self._partial = b""
-            self._in_flight.add(-1)
+        if size < self._offset:  # truncated or replaced
+            self._lost = True
             return
         if size == self._offset:
             return
@@ -112,8 +111,6 @@ class ConnectionLog:
         # logs nothing more; the process is gone, and so is the doubt. The server runs on
         # this machine (that is the only case with a readable log).
         for pid in list(self._in_flight):
-            if pid < 0:
-                continue
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
