@@ -82,13 +82,8 @@ class LeakDetector:
         self._usage_errors: dict[str, str] = {}
         self._marked = False
         self._marked_ids: set[str] = set()  # tests with @pytest.mark.leak_check, from collection
-        # What _server_unchanged concluded of a snapshot, valid while the ledger's version holds.
-        self._vetted: dict[int, Backend] | None = None
-        self._vetted_version = -1
-        self._vetted_quiet = False
         self._unchanged_at_call = False
         self._pools_at_begin = 0
-        self._run_threshold: float | None = None  # the pool threshold of unmarked tests
         self.ledger: Ledger | None = None
         self.observer: Observer | None = None
         if database is None:  # the xdist controller runs no tests: it only summarizes
@@ -346,7 +341,7 @@ class LeakDetector:
                 new = set(snapshot) - set(self._before) - leaked_pids
                 if new:
                     snapshot, unexplained = self._explain(new, snapshot)
-                if leaked or self._idle_tx_changed(snapshot):
+                if leaked or self._newly_idle_in_transaction(snapshot):
                     snapshot = observer.snapshot()
         elif leaked:
             snapshot = self.observer.snapshot()
@@ -406,15 +401,12 @@ class LeakDetector:
         last = observer.last
         if last is None or not log.unchanged():
             return False
-        if last is self._vetted and ledger.version == self._vetted_version:
-            return self._vetted_quiet  # the same snapshot, and nothing new in the ledger
+        if not all(backend.state == "idle" for backend in last.values()):
+            return False
         if not all(ledger.idle_in_pool(pid) for pid in last):
             ledger.scan_pools()  # learn the idle connections of asyncpg and psycopg pools
-        self._vetted, self._vetted_version = last, ledger.version
-        self._vetted_quiet = all(
-            backend.state == "idle" and ledger.idle_in_pool(pid) for pid, backend in last.items()
-        )
-        return self._vetted_quiet
+            return all(ledger.idle_in_pool(pid) for pid in last)
+        return True
 
     def _explain(self, new: set[int], snapshot: dict[int, Backend]):
         """New backends the ledger cannot explain, after they had a moment to go away.
@@ -431,14 +423,18 @@ class LeakDetector:
             snapshot = self.observer.wait_gone(unknown)
         return snapshot, [snapshot[pid] for pid in sorted(unknown) if pid in snapshot]
 
-    def _idle_tx_changed(self, snapshot: dict[int, Backend]) -> bool:
+    def _newly_idle_in_transaction(self, snapshot: dict[int, Backend]) -> list[Backend]:
+        """Backends idle in a transaction that were not, in that state, before the test."""
+        if snapshot is self._before:  # the same snapshot: no state changed
+            return []
         before = self._before
+        found = []
         for pid, backend in snapshot.items():
             if (backend.state or "").startswith("idle in transaction"):
                 previous = before.get(pid)
                 if previous is None or previous.state != backend.state:
-                    return True
-        return False
+                    found.append(backend)
+        return found
 
     def _leak(self, record: Record, snapshot: dict[int, Backend]) -> Leak:
         opened, checked_out, outer = locate(record)
@@ -483,16 +479,14 @@ class LeakDetector:
         )
 
     def _threshold_warnings(self, item: pytest.Item | None) -> list[Warning_]:
-        if self._marked:
-            threshold = self._setting("leak_check_pool_threshold", item)
-        else:
-            if self._run_threshold is None:
-                self._run_threshold = self._setting("leak_check_pool_threshold", None)
-            threshold = self._run_threshold
+        busy = [p for p in self.ledger.pools if p.peak and p.capacity and p.capacity > 0]
+        if not busy:
+            return []
+        threshold = self._setting("leak_check_pool_threshold", item)
         found = []
-        for info in self.ledger.pools:
+        for info in busy:
             capacity = info.capacity
-            if info.peak and capacity and capacity > 0 and info.peak > threshold * capacity:
+            if info.peak > threshold * capacity:
                 frames = user_frames(info.frames)
                 found.append(
                     Warning_(
@@ -508,14 +502,8 @@ class LeakDetector:
         self, snapshot: dict[int, Backend], leaked: list[Record]
     ) -> list[Warning_]:
         found: list[Warning_] = []
-        if snapshot is self._before:  # the same snapshot: no state changed
-            return found
-        for pid, backend in snapshot.items():
-            if not (backend.state or "").startswith("idle in transaction"):
-                continue
-            before = self._before.get(pid)
-            if before is not None and before.state == backend.state:
-                continue
+        for backend in self._newly_idle_in_transaction(snapshot):
+            pid = backend.pid
             record = next((r for r in leaked if r.pid == pid), None)
             where = locate(record)[0] if record is not None else None
             found.append(

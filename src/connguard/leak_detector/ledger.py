@@ -169,11 +169,7 @@ def capture_frames(skip: int = 1, depth: int = _MAX_FRAMES) -> list[Frame]:
         current = greenlet.getcurrent()
         if getattr(current, "__sqlalchemy_greenlet_provider__", False) and current.parent:
             glet = current.parent
-            f = glet.gr_frame
-        else:
-            f = _getframe(skip + 1)
-    else:
-        f = _getframe(skip + 1)
+    f = glet.gr_frame if glet is not None else _getframe(skip + 1)
     frames: list[Frame] = []
     append = frames.append
     stop = _STOP
@@ -328,9 +324,6 @@ class Ledger:
         self._detached: dict[int, Record] = {}  # id(dbapi connection) -> record
         self._undo: list[Callable[[], None]] = []
         self._installed: set[str] = set()
-        # Bumped whenever what the ledger knows of a server connection changes (`physical`):
-        # a detector may keep conclusions drawn from it until then.
-        self.version = 0
         self._lock = threading.Lock()
 
     # -- owner
@@ -469,7 +462,6 @@ class Ledger:
         if pid is not None:
             self._sa_pid[id(dbapi_connection)] = pid
             self.physical[pid] = Physical(pid, pool=info)
-            self.version += 1
             # SQLAlchemy opened it through a wrapped raw connect: the pool owns it now.
             for key, record in list(self.open.items()):
                 if record.pid == pid and record.probe is not None:
@@ -481,7 +473,6 @@ class Ledger:
             physical = self.physical.get(pid)
             if physical is not None and not physical.closed:
                 physical.closed = True
-                self.version += 1
                 if physical.pool is not None:
                     physical.pool.live -= 1
 
@@ -530,10 +521,7 @@ class Ledger:
         pid = self._sa_pid.get(id(dbapi_connection))
         physical = self.physical.get(pid) if pid is not None else None
         if physical is not None:  # the pool's reset has run by now
-            in_transaction = _in_transaction(dbapi_connection)
-            if in_transaction != physical.in_transaction:
-                physical.in_transaction = in_transaction
-                self.version += 1
+            physical.in_transaction = _in_transaction(dbapi_connection)
 
     def _sa_detach(self, dbapi_connection: Any, rec: Any) -> None:
         record = self.open.pop(id(rec), None)
@@ -577,7 +565,6 @@ class Ledger:
         self.open[id(connection)] = record
         if record.pid is not None:
             self.physical[record.pid] = Physical(record.pid, pool=pool)
-            self.version += 1
         if pool is not None:
             pool.checked_out += 1
             if pool.checked_out > pool.peak:
@@ -589,7 +576,6 @@ class Ledger:
         pid = _backend_pid(connection)
         if pid is not None and pid not in self.physical:
             self.physical[pid] = Physical(pid)
-            self.version += 1
 
     def _released(self, connection: Any) -> None:
         record = self.open.pop(id(connection), None)
@@ -830,7 +816,7 @@ class Ledger:
 
     def holds_any(self) -> bool:
         """Whether any connection is checked out or open, whoever owns it."""
-        return any(record.is_open() for record in self.open.values())
+        return bool(self.open_records(lambda owner: True))
 
     def idle_in_pool(self, pid: int) -> bool:
         """A backend the ledger knows, resting in a pool outside any transaction.
@@ -838,10 +824,7 @@ class Ledger:
         asyncpg and psycopg_pool roll back whatever a returned connection left open; for a
         SQLAlchemy pool the driver was asked at check-in.
         """
-        physical = self.physical.get(pid)
-        if physical is None or physical.closed or physical.in_transaction:
-            return False
-        return not any(record.pid == pid for record in self.open.values())
+        return self.explains(pid) == "pooled" and not self.physical[pid].in_transaction
 
     def scan_pools(self) -> None:
         """Learn the pids of idle connections inside asyncpg and psycopg_pool pools."""
@@ -863,7 +846,6 @@ class Ledger:
                 pid = _backend_pid(connection)
                 if pid is not None and pid not in self.physical:
                     self.physical[pid] = Physical(pid, pool=info)
-                    self.version += 1
 
 
 def _sa_capacity(pool: Any) -> int | None:
