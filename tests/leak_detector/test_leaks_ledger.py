@@ -101,7 +101,6 @@ def test_install_wraps_and_uninstall_restores():
         psycopg.AsyncConnection.__dict__["connect"],
         psycopg_pool.ConnectionPool.__dict__["getconn"],
         Pool.__dict__["__init__"],
-        Pool.__dict__.get("__new__"),
     )
     ledger = Ledger(lambda: None)
     ledger.install()
@@ -120,9 +119,28 @@ def test_install_wraps_and_uninstall_restores():
         psycopg.AsyncConnection.__dict__["connect"],
         psycopg_pool.ConnectionPool.__dict__["getconn"],
         Pool.__dict__["__init__"],
-        Pool.__dict__.get("__new__"),
     ) == originals
     assert not event.contains(Pool, "checkout", ledger._sa_checkout)
+
+
+def test_pools_are_created_normally_after_uninstall(tmp_path):
+    # Pool.__new__ cannot be given back to a class once assigned; after uninstall the
+    # replacement must behave as object.__new__ did, and tell no ledger.
+    from sqlalchemy import create_engine, text
+
+    for _ in range(2):  # a second install (another pytest session in-process) as well
+        ledger = Ledger(lambda: None)
+        ledger.install()
+        seen = create_engine(f"sqlite:///{tmp_path}/a.db", pool_size=2, pool_pre_ping=True)
+        ledger.uninstall()
+        assert [info for info in ledger.pools if info.target() is seen.pool]
+        engine = create_engine(f"sqlite:///{tmp_path}/b.db", pool_size=2, pool_pre_ping=True)
+        with engine.connect() as connection:
+            assert connection.execute(text("select 1")).scalar() == 1
+        engine.dispose()  # recreates the pool, with arguments
+        assert (engine.pool.size(), engine.pool._pre_ping) == (2, True)
+        assert not [info for info in ledger.pools if info.target() is engine.pool]
+        seen.dispose()
 
 
 def test_create_engine_keeps_its_pool_arguments_while_installed():

@@ -310,6 +310,41 @@ def _caller_module(depth: int) -> str:
 _POOL_INTERNAL = ("sqlalchemy", "psycopg_pool", "asyncpg", "connguard")
 
 
+_pool_listener: Callable[[Any], None] | None = None
+
+
+def _watch_pool_creation(
+    pool_cls: type, listener: Callable[[Any], None] | None, replacing: Any = None
+) -> None:
+    """Call `listener` with every SQLAlchemy pool created from now on (None: stop).
+
+    Pools are seen at creation through __new__, not __init__: create_engine() reads the names
+    of Pool.__init__'s parameters to route pool_recycle, pool_pre_ping, pool_reset_on_return,
+    ... and a (*args, **kwargs) wrapper would hide them. The replacement __new__ stays for the
+    life of the process: once a class's __new__ was assigned, CPython cannot give it back the
+    object.__new__ it inherited (deleting the attribute leaves a slot that hands the
+    constructor's arguments to object.__new__, which rejects them), so uninstalling only
+    drops the listener.
+    """
+    global _pool_listener
+    if replacing is not None and _pool_listener != replacing:
+        return  # another ledger was installed since
+    _pool_listener = listener
+    current = pool_cls.__dict__.get("__new__")
+    if listener is None or getattr(current, "connguard_watch", False):
+        return
+    original = current.__func__ if isinstance(current, staticmethod) else current
+
+    def pool_new(cls: type, *args: Any, **kwargs: Any) -> Any:
+        pool = original(cls, *args, **kwargs) if original is not None else object.__new__(cls)
+        if _pool_listener is not None:
+            _pool_listener(pool)
+        return pool
+
+    pool_new.connguard_watch = True  # type: ignore[attr-defined]
+    pool_cls.__new__ = staticmethod(pool_new)  # type: ignore[method-assign,assignment]
+
+
 class Ledger:
     """Records connections while installed; `install()` / `uninstall()` bracket the run."""
 
@@ -395,24 +430,10 @@ class Ledger:
         )
 
         ledger = self
-        # Pools are seen at creation through __new__, not __init__: create_engine() reads the
-        # names of Pool.__init__'s parameters to route pool_recycle, pool_pre_ping,
-        # pool_reset_on_return, ... and a (*args, **kwargs) wrapper would hide them.
-        original_pool_new = Pool.__dict__.get("__new__")
-
-        def pool_new(cls: type, *args: Any, **kwargs: Any) -> Any:
-            if original_pool_new is not None:
-                pool_self = original_pool_new.__func__(cls, *args, **kwargs)
-            else:
-                pool_self = object.__new__(cls)
-            ledger._sa_pool_created(pool_self)
-            return pool_self
-
-        Pool.__new__ = staticmethod(pool_new)  # type: ignore[method-assign,assignment]
-        if original_pool_new is None:
-            self._undo.append(lambda: delattr(Pool, "__new__"))
-        else:
-            self._undo.append(lambda: setattr(Pool, "__new__", original_pool_new))
+        _watch_pool_creation(Pool, self._sa_pool_created)
+        self._undo.append(
+            functools.partial(_watch_pool_creation, Pool, None, self._sa_pool_created)
+        )
 
         original_session_init = Session.__dict__["__init__"]
 
