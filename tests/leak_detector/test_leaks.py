@@ -328,6 +328,38 @@ def test_x():
     assert "Traceback" not in result.stderr
 
 
+def test_marker_errors_under_xdist_fail_the_test_with_one_line(server_url, tmp_path):
+    # A UsageError raised in an xdist worker would crash it with an INTERNALERROR traceback.
+    project = write_project(
+        tmp_path,
+        INI_AUTO_SESSION,
+        test_bad="""
+import pytest
+
+@pytest.mark.leak_check(foo=1)
+def test_unknown_key():
+    pass
+
+@pytest.mark.allow_connection_leak
+def test_no_reason():
+    pass
+
+def test_fine():
+    pass
+""",
+    )
+    result = run(project, server_url, "-p", "xdist", "-n", "2")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "INTERNALERROR" not in output and "Traceback" not in output, output
+    assert (
+        "usage error: @pytest.mark.leak_check(foo=1) (marker on test_bad.py::test_unknown_key): "
+        "unknown setting" in output
+    )
+    assert "allow_connection_leak on test_bad.py::test_no_reason needs a reason" in output
+    assert "1 passed, 2 errors" in output, output
+
+
 def test_report_file_is_json_with_the_leaking_tests(leaky_run):
     project, _, report = leaky_run
     assert report["version"] == 1

@@ -63,6 +63,22 @@ class ConnectionLeakWarning(pytest.PytestWarning):
     """A leak or finding reported without failing the test (mode warn or a warning category)."""
 
 
+class _WorkerOutcomes:
+    """On the xdist controller: the outcomes each worker attached to its teardown reports.
+
+    A plugin of its own, registered only there: in the process that runs the tests the
+    detector keeps its outcomes as it makes them, without a hook call per report.
+    """
+
+    def __init__(self, outcomes: list[dict[str, Any]]) -> None:
+        self.outcomes = outcomes
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for name, value in getattr(report, "user_properties", ()):
+            if name == _PROPERTY:
+                self.outcomes.append(value)
+
+
 class LeakDetector:
     def __init__(self, config: pytest.Config, database: Any, server: Any = None) -> None:
         self.config = config
@@ -87,6 +103,7 @@ class LeakDetector:
         self.ledger: Ledger | None = None
         self.observer: Observer | None = None
         if database is None:  # the xdist controller runs no tests: it only summarizes
+            config.pluginmanager.register(_WorkerOutcomes(self.outcomes), "connguard-leak-outcomes")
             return
         connection_log = server.details.get("connection_log") if server is not None else None
         try:
@@ -114,10 +131,14 @@ class LeakDetector:
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         worker = hasattr(self.config, "workerinput")
+        ours = (settings.MARKER, ALLOW_MARKER)
         for item in items:
-            # Looked up once here: walking an item's markers again at every setup is per-test
-            # cost for the rare test that has one.
-            if next(item.iter_markers(settings.MARKER), None) is not None:
+            # Looked up once here, in one walk of the item's markers: walking them again at
+            # every setup is per-test cost for the rare test that has one.
+            names = {mark.name for mark in item.iter_markers() if mark.name in ours}
+            if not names:
+                continue
+            if settings.MARKER in names:
                 self._marked_ids.add(item.nodeid)
             try:
                 _check_markers(item)
@@ -401,11 +422,12 @@ class LeakDetector:
         last = observer.last
         if last is None or not log.unchanged():
             return False
-        if not all(backend.state == "idle" for backend in last.values()):
-            return False
-        if not all(ledger.idle_in_pool(pid) for pid in last):
+        for backend in last.values():
+            if backend.state != "idle":
+                return False
+        if not ledger.idle_in_pools(last):
             ledger.scan_pools()  # learn the idle connections of asyncpg and psycopg pools
-            return all(ledger.idle_in_pool(pid) for pid in last)
+            return ledger.idle_in_pools(last)
         return True
 
     def _explain(self, new: set[int], snapshot: dict[int, Backend]):
@@ -540,7 +562,9 @@ class LeakDetector:
         text = "\n\n".join(format_outcome(o, self.root) for o in outcomes)
         failing = mode == "fail" and any(o.fails and not o.surfaced_later for o in outcomes)
         for outcome in outcomes:
-            report.user_properties.append((_PROPERTY, self._as_dict(outcome, mode)))
+            data = self._as_dict(outcome, mode)
+            self.outcomes.append(data)
+            report.user_properties.append((_PROPERTY, data))  # for the xdist controller
         if failing:
             if report.passed:
                 report.outcome = "failed"
@@ -555,11 +579,6 @@ class LeakDetector:
         data = asdict(outcome)
         data["fails"] = mode == "fail" and outcome.fails and not outcome.surfaced_later
         return data
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        for name, value in getattr(report, "user_properties", ()):
-            if name == _PROPERTY:
-                self.outcomes.append(value)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         broken = self.observer.broken if self.observer is not None else None

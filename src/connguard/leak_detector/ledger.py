@@ -17,7 +17,7 @@ import sys
 import sysconfig
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any
@@ -133,19 +133,20 @@ class Physical:
     in_transaction: bool = False
 
 
-def _stop_codes() -> frozenset[CodeType]:
+def _stop_codes() -> tuple[CodeType, CodeType | None]:
     """Frames past which no user code can lie: the event loop's callback runner, pluggy."""
-    codes = {asyncio.events.Handle._run.__code__}
     try:
         from pluggy import _callers
 
-        codes.add(_callers._multicall.__code__)
+        multicall: CodeType | None = _callers._multicall.__code__
     except (ImportError, AttributeError):
-        pass
-    return frozenset(codes)
+        multicall = None
+    return asyncio.events.Handle._run.__code__, multicall
 
 
-_STOP = _stop_codes()
+# Compared by identity: `code in a_set` hashes the code object, which hashes its constants
+# and names again at every frame, several times the cost of the rest of the step.
+_STOP_LOOP, _STOP_PLUGGY = _stop_codes()
 
 
 def capture_frames(skip: int = 1, depth: int = _MAX_FRAMES) -> list[Frame]:
@@ -172,11 +173,11 @@ def capture_frames(skip: int = 1, depth: int = _MAX_FRAMES) -> list[Frame]:
     f = glet.gr_frame if glet is not None else _getframe(skip + 1)
     frames: list[Frame] = []
     append = frames.append
-    stop = _STOP
+    loop, pluggy = _STOP_LOOP, _STOP_PLUGGY
     while True:
         while f is not None:
             code = f.f_code
-            if code in stop:
+            if code is loop or code is pluggy:
                 return frames
             append((code, f.f_lasti))
             if len(frames) >= depth:
@@ -839,13 +840,20 @@ class Ledger:
         """Whether any connection is checked out or open, whoever owns it."""
         return bool(self.open_records(lambda owner: True))
 
-    def idle_in_pool(self, pid: int) -> bool:
-        """A backend the ledger knows, resting in a pool outside any transaction.
+    def idle_in_pools(self, pids: Iterable[int]) -> bool:
+        """Whether every one of these backends rests in a pool, outside any transaction.
 
-        asyncpg and psycopg_pool roll back whatever a returned connection left open; for a
-        SQLAlchemy pool the driver was asked at check-in.
+        Each must be known to the ledger, not closed and not held by an open record (as
+        explains() would say "pooled"). asyncpg and psycopg_pool roll back whatever a
+        returned connection left open; for a SQLAlchemy pool the driver was asked at check-in.
         """
-        return self.explains(pid) == "pooled" and not self.physical[pid].in_transaction
+        held = {record.pid for record in self.open.values()} if self.open else ()
+        physical = self.physical
+        for pid in pids:
+            known = physical.get(pid)
+            if known is None or known.closed or known.in_transaction or pid in held:
+                return False
+        return True
 
     def scan_pools(self) -> None:
         """Learn the pids of idle connections inside asyncpg and psycopg_pool pools."""

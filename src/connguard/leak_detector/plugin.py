@@ -79,12 +79,9 @@ def _begin(config: pytest.Config) -> LeakCheckRun | None:
 
 
 def _register_detector(config: pytest.Config, database, server) -> None:
-    try:
-        from .detect import LeakDetector
-    except ModuleNotFoundError as error:
-        if error.name == f"{__package__}.detect":
-            return  # provisioning works alone while the detector is being built
-        raise
+    # The detector also checks the tests' markers (settings.check_marker) at collection.
+    from .detect import LeakDetector
+
     config.pluginmanager.register(LeakDetector(config, database, server), "connguard-leak-detector")
 
 
@@ -285,10 +282,6 @@ class LeakCheckRun:
             f"connguard: leak check on, backend {server.backend}{extra}, "
             f"PostgreSQL {server.version}, mode {mode}, {where}"
         )
-
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        for item in items:
-            settings.check_marker(item)
 
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
