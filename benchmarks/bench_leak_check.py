@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 _starts = {}
 _times = []
 _span = []
+_cpu = []
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -59,17 +60,19 @@ def pytest_runtest_logstart(nodeid, location):
     _starts[nodeid] = now = time.perf_counter()
     if not _span:
         _span.append(now)
+        _cpu.append(time.thread_time())
 
 
 def pytest_runtest_logfinish(nodeid, location):
     now = time.perf_counter()
     _times.append(now - _starts.pop(nodeid))
     _span[1:] = [now]
+    _cpu[1:] = [time.thread_time()]
 
 
 def pytest_sessionfinish(session):
     with open(os.environ["BENCH_TIMES"], "w") as f:
-        json.dump({"times": _times, "span": _span[1] - _span[0]}, f)
+        json.dump({"times": _times, "span": _span[1] - _span[0], "cpu": _cpu[1] - _cpu[0]}, f)
 """
 
 # "light": the least a test can do with the database (one pooled session, one query).
@@ -201,6 +204,9 @@ def _report(label: str, plain_runs: list[dict], checked_runs: list[dict]) -> Non
     )
     paired_ratios = sorted(c["span"] / p["span"] for p, c in pairs)
     paired_ratio = statistics.median(paired_ratios)
+    # The same span in CPU time of the thread running the tests: steadier than wall time on a
+    # shared machine, and blind to waiting (for the server, for instance).
+    paired_cpu = statistics.median(c["cpu"] / p["cpu"] for p, c in pairs)
     # The whole pytest process, start to exit: what a user waits for. Besides the tests it
     # holds interpreter start, imports, collection and, with --leak-check only, the
     # provisioner's work (a database, or a whole local cluster, and the observer).
@@ -230,6 +236,10 @@ def _report(label: str, plain_runs: list[dict], checked_runs: list[dict]) -> Non
         f"{paired_ratio:.3f} paired by round {_verdict(paired_ratio <= 1.05)} "
         f"(rounds {paired_ratios[0]:.3f}-{paired_ratios[-1]:.3f}; first test start to last "
         f"test end)"
+    )
+    print(
+        f"[{label}] the same span in CPU time of the test thread: ratio {paired_cpu:.3f} "
+        f"paired by round"
     )
     print(
         f"[{label}] whole pytest process (start to exit, incl. startup, collection and "

@@ -291,12 +291,12 @@ def _in_transaction(dbapi_connection: Any) -> bool:
 
 
 def _current_task_ref() -> Any:
-    try:
-        if asyncio._get_running_loop() is None:
-            return None
-        task = asyncio.current_task()
-    except RuntimeError:
+    # Finding the running loop costs a getpid() system call (a check against a fork); given
+    # the loop, current_task() does not look it up again.
+    loop = asyncio._get_running_loop()
+    if loop is None:
         return None
+    task = asyncio.current_task(loop)
     return weakref.ref(task) if task is not None else None
 
 
@@ -470,7 +470,7 @@ class Ledger:
         if pool is None:
             return None
         info = self._sa_pools.get(id(pool))
-        if info is None or info.target() is not pool:
+        if info is None or info.ref() is not pool:  # SQLAlchemy pools are held weakly
             # A pool created before the check was installed (at import, by a conftest).
             info = PoolInfo("SQLAlchemy engine", None, [], weakref.ref(pool), capacity=-1)
             self._sa_pools[id(pool)] = info
