@@ -1,12 +1,15 @@
 """Overhead of `pytest --leak-check`: a generated suite of database tests, with and without it.
 
 Generates N tests (default 500) that each check a session out of a session-scoped async engine
-and run a query, then runs the suite alternately without --leak-check (against a local
-PostgreSQL started once here) and with it, several rounds. Two ways with it, each reported:
+and run a query, then runs the suite alternately without --leak-check and with it, several
+rounds. Two ways with it, each compared with a run without it on the same kind of server:
 
 - local: --leak-check-db=local, the run's own cluster, whose connection log lets the detector
-  skip the per-test pg_stat_activity query when nothing can have changed;
-- url: --leak-check-db=url on the cluster started here, which asks the server after every test.
+  skip the per-test pg_stat_activity query when nothing can have changed. Its baseline runs
+  on a cluster started just before it, as fresh as the one --leak-check starts (a server that
+  has run for minutes answers differently: warm caches, but checkpoints and more WAL).
+- url: --leak-check-db=url on a cluster started once here, which asks the server after every
+  test. Its baseline runs on that same cluster.
 
 Prints the median added time per clean test (goal <= 0.3 ms) and the whole-suite ratio
 (goal <= 1.05), both measured in this run. The suite ratio is read two ways, each labelled:
@@ -180,6 +183,28 @@ def false_positives(runs: int, backends: list[str]) -> int:
     return 1 if bad else 0
 
 
+def _baseline(root: Path, backend: str, server_url: str, env: dict[str, str]) -> dict:
+    """The suite without --leak-check, on the kind of server `backend` gives the checked run.
+
+    A fresh database each time, as --leak-check makes one: the first connections to a new
+    database cost the server extra work.
+    """
+    from connguard.leak_detector.provision import with_database
+    from connguard.leak_detector.provision.janitor import create_database, drop_databases
+    from connguard.leak_detector.provision.local import LocalProvider
+
+    provider = LocalProvider() if backend == "local" else None
+    url = provider.start().url if provider is not None else server_url
+    try:
+        create_database(url, "bench_baseline")
+        result = run_suite(root, [], {**env, "DATABASE_URL": with_database(url, "bench_baseline")})
+        drop_databases(url, ["bench_baseline"])
+        return result
+    finally:
+        if provider is not None:
+            provider.stop()
+
+
 def _verdict(ok: bool) -> str:
     return "OK" if ok else "OVER"
 
@@ -262,8 +287,6 @@ def main() -> int:
     if options.false_positives:
         return false_positives(options.false_positives, options.backend)
 
-    from connguard.leak_detector.provision import with_database
-    from connguard.leak_detector.provision.janitor import create_database, drop_databases
     from connguard.leak_detector.provision.local import LocalProvider
 
     provider = LocalProvider(max_connections=100)
@@ -284,20 +307,15 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="bench-leak-") as tmp:
                 root = Path(tmp)
                 make_suite(root, options.tests, work)
-                found: dict[str, list[dict]] = {"plain": [], **{b: [] for b in options.backend}}
+                found: dict[str, list[dict]] = {}
                 for number in range(-1, options.rounds):  # round -1 warms caches, not counted
-                    # A fresh database for each baseline run too, as --leak-check makes one:
-                    # the first connections to a new database cost the server extra work.
-                    base_db = f"bench_baseline_{work}_{number + 1}"
-                    create_database(server.url, base_db)
-                    baseline_env = {**env, "DATABASE_URL": with_database(server.url, base_db)}
-                    plain = run_suite(root, [], baseline_env)
-                    checked = {b: run_suite(root, checked_args[b], env) for b in options.backend}
-                    drop_databases(server.url, [base_db])
+                    results = {}
+                    for backend in options.backend:
+                        results[f"plain-{backend}"] = _baseline(root, backend, server.url, env)
+                        results[backend] = run_suite(root, checked_args[backend], env)
                     if number >= 0:
-                        found["plain"].append(plain)
-                        for backend, result in checked.items():
-                            found[backend].append(result)
+                        for key, result in results.items():
+                            found.setdefault(key, []).append(result)
             runs[work] = found
     finally:
         provider.stop()
@@ -308,7 +326,7 @@ def main() -> int:
     )
     for work, found in runs.items():
         for backend in options.backend:
-            _report(f"{work}, {backend}", found["plain"], found[backend])
+            _report(f"{work}, {backend}", found[f"plain-{backend}"], found[backend])
     return 0
 
 
