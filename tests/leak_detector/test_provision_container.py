@@ -12,14 +12,17 @@ import signal
 import time
 
 import pytest
+from leak_projects import CONFTEST, INI_AUTO_SESSION, load_report, write_project
 from provision_helpers import (
     CONFTEST_RECORDING_URL,
     TEST_FIXTURES_WORK,
     TEST_IMAGE,
     TEST_WAITS,
+    records,
     run_pytest,
     start_waiting_run,
 )
+from test_connection_log import EXPECTED, GATED, TESTS, verdicts
 
 pytestmark = pytest.mark.docker
 
@@ -114,6 +117,8 @@ def test_kill_9_then_the_next_run_removes_the_container(pytester, docker_client)
     process.kill()
     process.communicate(timeout=30)
     assert _exists(docker_client, facts["container_id"])  # nothing could clean up
+    (log_dir,) = [r["log_dir"] for r in records() if r.get("container_id") == facts["container_id"]]
+    assert os.path.isdir(log_dir)  # the server's connection log, mounted from this machine
 
     (pytester.path / "test_waits.py").unlink()
     pytester.makepyfile(test_next="def test_next(connguard_database):\n    pass\n")
@@ -121,6 +126,7 @@ def test_kill_9_then_the_next_run_removes_the_container(pytester, docker_client)
     result = run_pytest(pytester.path, "--leak-check", "--leak-check-db=local")
     assert result.returncode == 0, result.stdout + result.stderr
     assert not _exists(docker_client, facts["container_id"])
+    assert not os.path.exists(log_dir)
 
 
 def test_auto_skips_a_missing_image_without_pulling(pytester, docker_client):
@@ -170,3 +176,47 @@ def test_the_local_image_honours_the_official_environment(docker_client):
             psycopg.connect(make_url("alice", "wrong", "127.0.0.1", port, "appdb")).close()
     finally:
         container.remove(force=True)
+
+
+def test_the_container_keeps_a_connection_log_that_misses_nothing(docker_client, tmp_path):
+    # The server's stderr goes to a file mounted from this machine; the detector trusts it as
+    # it trusts the local cluster's, and the verdicts are those of asking after every test.
+    # (Without the query cancel: in a container a cancel request's backend counts as gone
+    # only after the server's authentication timeout, and this run is shorter.)
+    from leak_projects import run
+
+    from connguard.leak_detector.provision.local import LocalProvider
+
+    selection = ("-k", "not cancel")
+    selected = TESTS - 4  # the cancel and the three tests after it
+    reports = {}
+    for name in ("container", "url"):
+        (tmp_path / name).mkdir()
+        project = write_project(
+            tmp_path / name, INI_AUTO_SESSION, conftest=CONFTEST, test_gated=GATED
+        )
+        if name == "container":
+            result = run_pytest(
+                project, "--leak-check", *CONTAINER_ARGS, "--leak-check-report=report.json",
+                *selection, env=TESTCONTAINERS_ENV, timeout=180,
+            )  # fmt: skip
+        else:
+            provider = LocalProvider()
+            if provider.unavailable_reason():
+                pytest.skip(f"no server to compare with: {provider.unavailable_reason()}")
+            server = provider.start()
+            try:
+                result = run(project, server.url, "--leak-check-report=report.json", *selection)
+            finally:
+                provider.stop()
+        summary = result.stdout.splitlines()[-1]
+        assert f"{selected - 1} passed" in summary and "1 error" in summary, result.stdout
+        reports[name] = load_report(project / "report.json")
+    assert reports["container"]["connection_log"] and not reports["url"]["connection_log"]
+    assert verdicts(reports["container"]) == verdicts(reports["url"]) == EXPECTED
+    # The ten quiet tests were not asked about.
+    saved = reports["url"]["server_snapshots"] - reports["container"]["server_snapshots"]
+    assert saved >= 8, (
+        reports["url"]["server_snapshots"],
+        reports["container"]["server_snapshots"],
+    )

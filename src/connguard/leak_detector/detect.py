@@ -7,8 +7,9 @@ Registered by plugin.py only with --leak-check. Per test:
 2. end of the call phase: a connection still held by a task the test started and that is still
    running is a leak, even if a later teardown cancels that task. The server snapshot is sent
    now and collected at step 3, so its round trip overlaps pytest's own teardown work; on the
-   local backend it is skipped when the server's connection log proves nothing changed
-   (see _server_unchanged and observer.ConnectionLog).
+   local backend, and the container backend on a Linux engine of this machine, it is skipped
+   when the server's connection log proves nothing changed (see _server_unchanged and
+   observer.ConnectionLog).
 3. after the test's function-scoped fixtures are finalized, and before any wider-scoped fixture
    is: the test's open records, plus checkouts whose proxy the garbage collector reclaimed, plus
    backends that appeared on the server that the ledger cannot explain, are its leaks.
@@ -105,9 +106,14 @@ class LeakDetector:
         if database is None:  # the xdist controller runs no tests: it only summarizes
             config.pluginmanager.register(_WorkerOutcomes(self.outcomes), "connguard-leak-outcomes")
             return
-        connection_log = server.details.get("connection_log") if server is not None else None
+        details = server.details if server is not None else {}
         try:
-            self.observer = Observer(database.admin_url, database.dbname, connection_log)
+            self.observer = Observer(
+                database.admin_url,
+                database.dbname,
+                details.get("connection_log"),
+                details.get("connection_log_gone_after"),
+            )
         except ObserverError as error:
             raise pytest.UsageError(f"connguard: {error}") from None
         self.ledger = Ledger(lambda: self._global_owner)
@@ -416,7 +422,7 @@ class LeakDetector:
     def _server_unchanged(self) -> bool:
         """Whether the server can show nothing the last snapshot did not; no round trip.
 
-        Only with a connection log (the local backend): it proves that no backend came or
+        Only with a connection log (local and container backends): it proves that no backend came or
         went. What could change without one is a backend's state; that takes a connection in
         use, so the ledger must hold none, and every backend of the last snapshot must be an
         idle connection resting in a pool, outside a transaction.

@@ -46,7 +46,8 @@ _AUTHORIZED_DB = re.compile(rb"connection authorized: .*?\bdatabase=(\S+)")
 class ConnectionLog:
     """The server's own log of connections: a proof, read with one fstat, that none came or went.
 
-    Only for a server whose log connguard configured and can read (the local backend): it logs
+    Only for a server whose log connguard configured and can read (the local backend, and the
+    container backend on a Linux engine of this machine, through a mounted file): it logs
     with log_connections and log_disconnections, and each backend writes its lines straight
     to the file. A backend writes "connection received" before it authenticates, and so before
     pg_stat_activity can list it. So if the log has not grown since the last snapshot was
@@ -55,15 +56,20 @@ class ConnectionLog:
     snapshot's, and the next test's round trip can be skipped.
     """
 
-    def __init__(self, path: str, dbname: str) -> None:
+    def __init__(self, path: str, dbname: str, gone_after: float | None = None) -> None:
         self._fd = os.open(path, os.O_RDONLY)
         # Start at the end: every backend that started before is in the first snapshot.
         self._offset = os.fstat(self._fd).st_size
         self._partial = b""
         self._ours = dbname.encode()
         self._ours_clone = self._ours + b"_t"  # per-test clones, as in the snapshot query
-        # Backends announced by the log and not yet accounted for (listed, ended, elsewhere).
-        self._in_flight: set[int] = set()
+        # Backends announced by the log and not yet accounted for (listed, ended, elsewhere),
+        # with when this reader first saw them.
+        self._in_flight: dict[int, float] = {}
+        # None: the log's pids are this machine's, and a silent backend's end is read from the
+        # process table. Otherwise (a container's pids) a backend silent for this many seconds
+        # has ended: the server's authentication_timeout is shorter.
+        self._gone_after = gone_after
         self._lost = False  # the file shrank: nothing can be proven from it any more
 
     def unchanged(self) -> bool:
@@ -86,22 +92,26 @@ class ConnectionLog:
         self._offset = size
         complete, _, self._partial = data.rpartition(b"\n")
         in_flight = self._in_flight
+        now = time.monotonic()
         for match in _LOG_LINE.finditer(complete):
             pid, level, message = int(match[1]), match[2], match[3]
             if message.startswith(b"connection received"):
-                in_flight.add(pid)
+                in_flight[pid] = now
             elif pid not in in_flight:
                 continue
             elif level in (b"FATAL", b"PANIC") or message.startswith(b"disconnection"):
-                in_flight.discard(pid)
+                del in_flight[pid]
             else:
                 database = _AUTHORIZED_DB.search(message)
                 if database is not None and not self._is_ours(database[1]):
-                    in_flight.discard(pid)
+                    del in_flight[pid]
 
     def listed(self, pids) -> None:
         """A snapshot asked for after the last read listed these backends."""
-        self._in_flight.difference_update(pids)
+        in_flight = self._in_flight
+        if in_flight:
+            for pid in pids:
+                in_flight.pop(pid, None)
 
     def _is_ours(self, name: bytes) -> bool:
         return name == self._ours or name.startswith(self._ours_clone)
@@ -110,11 +120,18 @@ class ConnectionLog:
         # A backend that exits before authenticating (a cancel request, a refused login)
         # logs nothing more; the process is gone, and so is the doubt. The server runs on
         # this machine (that is the only case with a readable log).
-        for pid in list(self._in_flight):
+        in_flight = self._in_flight
+        if self._gone_after is not None:
+            deadline = time.monotonic() - self._gone_after
+            for pid, seen in list(in_flight.items()):
+                if seen < deadline:
+                    del in_flight[pid]
+            return
+        for pid in list(in_flight):
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                self._in_flight.discard(pid)
+                del in_flight[pid]
             except OSError:  # exists (EPERM under another account)
                 pass
 
@@ -130,7 +147,13 @@ class ObserverError(RuntimeError):
 
 
 class Observer:
-    def __init__(self, url: str, dbname: str, connection_log: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        dbname: str,
+        connection_log: str | None = None,
+        log_gone_after: float | None = None,
+    ) -> None:
         import psycopg
 
         self.dbname = dbname
@@ -138,7 +161,7 @@ class Observer:
         self.log: ConnectionLog | None = None
         if connection_log is not None:
             try:
-                self.log = ConnectionLog(connection_log, dbname)
+                self.log = ConnectionLog(connection_log, dbname, log_gone_after)
             except OSError:  # unreadable: every test asks the server, as for any other
                 self.log = None
         try:

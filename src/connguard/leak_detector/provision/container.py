@@ -8,16 +8,27 @@ the server listens on a free port of ours (PGPORT) and that is the port we repor
 
 Containers carry our labels (owner host, pid and process start time), so a later run removes
 what a killed run left even when Ryuk, testcontainers' own reaper, is disabled or unavailable.
+
+On a Linux engine of this machine the server also keeps the connection log the leak detector
+reads (observer.ConnectionLog), as the local backend's does: its stderr goes to a file in a
+host directory mounted into the container, written by each backend itself. The first
+connection checks that the host sees each line as the server writes it; where it does not
+(Docker Desktop's VM, a remote engine), there is no log and every test asks the server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from . import ProvisionError, Server, free_port, janitor, make_url
+from .local import CONNECTION_LOG_SETTINGS
 
 LABEL_PREFIX = "org.connguard"
 ENGINE_TIMEOUT = 3  # seconds for a ping; a missing engine must not hang the run
@@ -26,6 +37,20 @@ PASSWORD = "connguard"
 # Durability off: nothing in a test server needs to survive a crash.
 SPEED_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off", "jit=off")
 SPEED_ARGS = tuple(arg for setting in SPEED_SETTINGS for arg in ("-c", setting))
+LOG_MOUNT = "/connguard-log"
+# The log's pids are the container's, so a backend's end cannot be read from this machine's
+# process table. Within this many seconds of arriving, a backend has logged its authorization,
+# logged a FATAL error or exited; one the log announced that said nothing more for longer has
+# ended silently (a cancel request, a client that sent nothing).
+AUTHENTICATION_TIMEOUT = 2
+LOG_ARGS = tuple(
+    arg
+    for name, value in {
+        **CONNECTION_LOG_SETTINGS,
+        "authentication_timeout": f"{AUTHENTICATION_TIMEOUT}s",
+    }.items()
+    for arg in ("-c", f"{name}={value}")
+)
 
 
 def _docker_client(timeout: float = ENGINE_TIMEOUT, docker_host: str | None = None):
@@ -99,6 +124,7 @@ class ContainerProvider:
         self.network = network
         self.max_connections = max_connections
         self.container = None
+        self.log_dir: Path | None = None
         self._record = None
         self._client = None
 
@@ -162,6 +188,7 @@ class ContainerProvider:
             f"{LABEL_PREFIX}.owner-start": janitor.process_start(me) or "",
         }
         command = ["postgres", "-c", f"max_connections={self.max_connections}", *SPEED_ARGS]
+        kwargs: dict = {"labels": labels}
         if self.network == "host":
             # No port mapping under host networking: the server takes a free port of ours.
             self.port = free_port()
@@ -175,16 +202,52 @@ class ContainerProvider:
             )
             container.ports.clear()  # Docker rejects port bindings under host networking
             container.with_env("PGPORT", str(self.port))
-            container.with_kwargs(network_mode="host", network=None, labels=labels)
+            kwargs.update(network_mode="host", network=None)
             command += ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port)]
         else:
             container = PostgresContainer(
                 self.image, username=USER, password=PASSWORD, dbname="postgres", driver=None
             )
-            container.with_kwargs(labels=labels)
+        entrypoint = self._entrypoint() if self._engine_shares_files() else None
+        if entrypoint:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="connguard-log-"))
+            self.log_dir.chmod(0o777)  # the server writes as the image's own account
+            log = self.log_dir / "postgres.log"
+            log.touch()
+            log.chmod(0o666)
+            container.with_volume_mapping(str(self.log_dir), LOG_MOUNT, "rw")
+            # The image's own entrypoint, with stderr (and so every backend's) sent to the file.
+            kwargs["entrypoint"] = [
+                "sh", "-c", f'exec "$@" 2>>{LOG_MOUNT}/postgres.log', "sh", *entrypoint,
+            ]  # fmt: skip
+            command += LOG_ARGS
+            # Some testcontainers releases wait for the server's "ready" line in the container's
+            # output, which now goes to the file; _wait_for_server is the readiness check.
+            container._connect = lambda: None
+        container.with_kwargs(**kwargs)
         container.with_command(command)
         container.with_name(f"connguard-{me}-{os.urandom(3).hex()}")
         return container
+
+    def _engine_shares_files(self) -> bool:
+        """Whether a file the container writes through a bind mount is this machine's file."""
+        docker_host = os.environ.get("DOCKER_HOST", "")
+        if sys.platform != "linux" or (docker_host and not docker_host.startswith("unix://")):
+            return False
+        try:
+            system = str(self._client.info().get("OperatingSystem", ""))
+        except Exception:
+            return False
+        return "docker desktop" not in system.lower()  # its engine runs in a VM
+
+    def _entrypoint(self) -> list[str] | None:
+        try:
+            entrypoint = self._client.images.get(self.image).attrs["Config"].get("Entrypoint")
+        except Exception:
+            return None
+        if isinstance(entrypoint, str):
+            entrypoint = [entrypoint]
+        return list(entrypoint) if entrypoint else None
 
     def _remember(self, container_id: str) -> None:
         docker_host = os.environ.get("DOCKER_HOST")
@@ -193,6 +256,7 @@ class ContainerProvider:
             kind="container",
             container_id=container_id,
             docker_host=docker_host,
+            log_dir=str(self.log_dir) if self.log_dir is not None else None,
         )
 
     def _server(self, container) -> Server:
@@ -203,17 +267,36 @@ class ContainerProvider:
             port = int(container.get_exposed_port(5432))
         url = make_url(USER, PASSWORD, host, port, "postgres")
         version, _ = self._wait_for_server(url)
+        details = {
+            "image": self.image,
+            "network": self.network,
+            "container_id": container._container.id,
+        }
+        if self.log_dir is not None and self._log_keeps_up(url):
+            details["connection_log"] = str(self.log_dir / "postgres.log")
+            details["connection_log_gone_after"] = AUTHENTICATION_TIMEOUT + 3
         return Server(
             backend=self.name,
             url=url,
             version=version,
             max_connections=self.max_connections,
-            details={
-                "image": self.image,
-                "network": self.network,
-                "container_id": container._container.id,
-            },
+            details=details,
         )
+
+    def _log_keeps_up(self, url: str) -> bool:
+        """Whether a connection's first line is in the file by the time the connection is made.
+
+        The detector's proof needs exactly that; a mount that shows writes late must not be used.
+        """
+        log = self.log_dir / "postgres.log"
+        try:
+            before = log.stat().st_size
+            janitor.server_facts(url)  # one connection, logged before it authenticates
+            with log.open("rb") as file:
+                file.seek(before)
+                return b"connection received" in file.read()
+        except (OSError, ProvisionError):
+            return False
 
     @staticmethod
     def _wait_for_server(url: str) -> tuple[str, int]:
@@ -236,5 +319,8 @@ class ContainerProvider:
             with contextlib.suppress(Exception):
                 self._client.close()
             self._client = None
+        if self.log_dir is not None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            self.log_dir = None
         janitor.unregister(self._record)
         self._record = None

@@ -216,6 +216,8 @@ def _reap_container(record: dict) -> list[str]:
     from .container import remove_container
 
     remove_container(record["container_id"], docker_host=record.get("docker_host"))
+    if record.get("log_dir"):
+        shutil.rmtree(record["log_dir"], ignore_errors=True)
     return [f"container {record['container_id'][:12]}"]
 
 
