@@ -10,13 +10,17 @@ rounds. Two ways with it, each compared with a run without it on the same kind o
   has run for minutes answers differently: warm caches, but checkpoints and more WAL).
 - url: --leak-check-db=url on a cluster started once here, which asks the server after every
   test. Its baseline runs on that same cluster.
+- container (only when asked, with --image): --leak-check-db=container on host networking,
+  whose server keeps the same connection log on a Linux engine of this machine. Its baseline
+  runs on a container started just before it.
 
 Prints the median added time per clean test (goal <= 0.3 ms) and the whole-suite ratio
 (goal <= 1.05), both measured in this run. The suite ratio is read two ways, each labelled:
 the tests' span (first test start to last test end) and the whole pytest process (start to
 exit, as a user times it).
 
-    .venv/bin/python benchmarks/bench_leak_check.py [--tests 500] [--rounds 5] [--backend local url]
+    .venv/bin/python benchmarks/bench_leak_check.py [--tests 500] [--rounds 5]
+        [--work light typical] [--backend local url container] [--image IMAGE]
 
 With --false-positives N it instead runs the clean suite of the leak-detector tests
 (tests/leak_detector/leak_projects.py: pooled idle connections, session-scoped engines and
@@ -35,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 CONFTEST = """
 import gc, json, os, time
@@ -190,7 +195,7 @@ def false_positives(runs: int, backends: list[str]) -> int:
     return 1 if bad else 0
 
 
-def _baseline(root: Path, backend: str, server_url: str, env: dict[str, str]) -> dict:
+def _baseline(root: Path, backend: str, server_url: str, env: dict[str, str], image: str) -> dict:
     """The suite without --leak-check, on the kind of server `backend` gives the checked run.
 
     A fresh database each time, as --leak-check makes one: the first connections to a new
@@ -200,7 +205,13 @@ def _baseline(root: Path, backend: str, server_url: str, env: dict[str, str]) ->
     from connguard.leak_detector.provision.janitor import create_database, drop_databases
     from connguard.leak_detector.provision.local import LocalProvider
 
-    provider = LocalProvider() if backend == "local" else None
+    provider: Any = None
+    if backend == "local":
+        provider = LocalProvider()
+    elif backend == "container":
+        from connguard.leak_detector.provision.container import ContainerProvider
+
+        provider = ContainerProvider(image=image, network="host", allow_pull=False)
     url = provider.start().url if provider is not None else server_url
     try:
         create_database(url, "bench_baseline")
@@ -288,7 +299,14 @@ def main() -> int:
     parser.add_argument("--tests", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", nargs="+", choices=sorted(TESTS), default=["light", "typical"])
-    parser.add_argument("--backend", nargs="+", choices=["local", "url"], default=["local", "url"])
+    parser.add_argument(
+        "--backend", nargs="+", choices=["local", "url", "container"], default=["local", "url"]
+    )
+    parser.add_argument(
+        "--image",
+        default=os.environ.get("CONNGUARD_TEST_IMAGE", "postgres:16-alpine"),
+        help="for --backend container: a PostgreSQL image present on the engine (host network)",
+    )
     parser.add_argument("--false-positives", type=int, metavar="N", default=0)
     options = parser.parse_args()
     if options.false_positives:
@@ -308,6 +326,12 @@ def main() -> int:
         checked_args = {
             "local": [*common, "--leak-check-db=local"],
             "url": [*common, "--leak-check-db=url", f"--leak-check-db-url={server.url}"],
+            "container": [
+                *common,
+                "--leak-check-db=container",
+                "--leak-check-network=host",
+                f"--leak-check-image={options.image}",
+            ],  # fmt: skip
         }
         runs: dict[str, dict[str, list[dict]]] = {}
         for work in options.work:
@@ -318,7 +342,9 @@ def main() -> int:
                 for number in range(-1, options.rounds):  # round -1 warms caches, not counted
                     results = {}
                     for backend in options.backend:
-                        results[f"plain-{backend}"] = _baseline(root, backend, server.url, env)
+                        results[f"plain-{backend}"] = _baseline(
+                            root, backend, server.url, env, options.image
+                        )
                         results[backend] = run_suite(root, checked_args[backend], env)
                     if number >= 0:
                         for key, result in results.items():
