@@ -25,7 +25,8 @@ exit, as a user times it).
 With --false-positives N it instead runs the clean suite of the leak-detector tests
 (tests/leak_detector/leak_projects.py: pooled idle connections, session-scoped engines and
 pools, close in finally, finished background tasks, ...) N times serially and N times with
-`-n 2`, on each backend, and prints how many runs reported anything (goal: 0).
+`-n 2`, on each backend given (container too, with --image), and prints how many runs
+reported anything (goal: 0).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def run_suite(root: Path, args: list[str], env: dict[str, str]) -> dict:
     return {**json.loads(times_file.read_text()), "wall": wall, "snapshots": snapshots}
 
 
-def false_positives(runs: int, backends: list[str]) -> int:
+def false_positives(runs: int, backends: list[str], image: str) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "leak_detector"))
     from leak_projects import CONFTEST as CLEAN_CONFTEST
     from leak_projects import INI_AUTO_SESSION, TEST_CLEAN, run, write_project
@@ -169,15 +170,26 @@ def false_positives(runs: int, backends: list[str]) -> int:
             project = write_project(
                 Path(tmp), INI_AUTO_SESSION, conftest=CLEAN_CONFTEST, test_clean=TEST_CLEAN
             )
-            for label, url, extra in [
-                (f"{backend}, {mode}", server.url if backend == "url" else None, extra)
+            container = (
+                "--leak-check-db=container", "--leak-check-network=host",
+                f"--leak-check-image={image}",
+            )  # fmt: skip
+            for label, url, extra, chosen in [
+                (
+                    f"{backend}, {mode}",
+                    server.url if backend == "url" else None,
+                    extra,
+                    container if backend == "container" else None,
+                )
                 for backend in backends
                 for mode, extra in (("serial", ()), ("-n 2", ("-p", "xdist", "-n", "2")))
             ]:
                 reported = 0
                 for number in range(runs):
                     report = Path(tmp) / f"report-{number}.json"
-                    result = run(project, url, f"--leak-check-report={report}", *extra)
+                    result = run(
+                        project, url, f"--leak-check-report={report}", *extra, backend=chosen
+                    )
                     results = json.loads(report.read_text())["results"] if report.exists() else None
                     if result.returncode != 0 or results != []:
                         reported += 1
@@ -310,7 +322,7 @@ def main() -> int:
     parser.add_argument("--false-positives", type=int, metavar="N", default=0)
     options = parser.parse_args()
     if options.false_positives:
-        return false_positives(options.false_positives, options.backend)
+        return false_positives(options.false_positives, options.backend, options.image)
 
     from connguard.leak_detector.provision.local import LocalProvider
 

@@ -420,22 +420,30 @@ def write_project(root: Path, ini: str, **files: str) -> Path:
     return root
 
 
-def run(project: Path, server_url: str | None, *args: str, timeout: float = 180):
+def run(
+    project: Path,
+    server_url: str | None,
+    *args: str,
+    timeout: float = 180,
+    backend: tuple[str, ...] | None = None,
+):
     """pytest --leak-check on `project`, in a fresh interpreter, on the given server.
 
     With `server_url` None the run starts its own local cluster (--leak-check-db=local), whose
     connection log lets the detector skip the per-test server query when nothing changed.
+    `backend`, when given, are the options that choose the server instead.
     """
     env = {
         name: value
         for name, value in os.environ.items()
         if not name.startswith(("CONNGUARD_", "PYTEST_", "DATABASE_URL"))
     }
-    backend = (
-        ["--leak-check-db=local"]
-        if server_url is None
-        else ["--leak-check-db=url", f"--leak-check-db-url={server_url}"]
-    )
+    if backend is None:
+        backend = (
+            ("--leak-check-db=local",)
+            if server_url is None
+            else ("--leak-check-db=url", f"--leak-check-db-url={server_url}")
+        )
     command = [
         sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--leak-check", *backend, *args,
     ]  # fmt: skip
