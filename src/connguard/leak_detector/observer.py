@@ -118,8 +118,8 @@ class ConnectionLog:
 
     def _drop_ended(self) -> None:
         # A backend that exits before authenticating (a cancel request, a refused login)
-        # logs nothing more; the process is gone, and so is the doubt. The server runs on
-        # this machine (that is the only case with a readable log).
+        # logs nothing more; the process is gone, and so is the doubt. With this machine's
+        # pids the process table says so; with a container's, the time since it arrived.
         in_flight = self._in_flight
         if self._gone_after is not None:
             deadline = time.monotonic() - self._gone_after
