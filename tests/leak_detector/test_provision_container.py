@@ -220,3 +220,42 @@ def test_the_container_keeps_a_connection_log_that_misses_nothing(docker_client,
         reports["url"]["server_snapshots"],
         reports["container"]["server_snapshots"],
     )
+
+
+UNWRITABLE_LOG = """
+import json, sys
+import psycopg
+from connguard.leak_detector.provision.container import ContainerProvider
+
+provider = ContainerProvider(image=sys.argv[1], network="host", allow_pull=False)
+build = provider._build
+
+
+def build_then_lock():
+    container = build()
+    (provider.log_dir / "postgres.log").chmod(0o444)  # the server's account may not write it
+    return container
+
+
+provider._build = build_then_lock
+server = provider.start()
+try:
+    with psycopg.connect(server.url) as conn:
+        answer = conn.execute("select 1").fetchone()[0]
+    print(json.dumps({"answer": answer, "log": server.details.get("connection_log")}))
+finally:
+    provider.stop()
+"""
+
+
+def test_a_log_the_server_cannot_write_leaves_it_running_without_one(docker_client):
+    import subprocess
+    import sys
+
+    env = {**os.environ, **TESTCONTAINERS_ENV}
+    result = subprocess.run(
+        [sys.executable, "-c", UNWRITABLE_LOG, TEST_IMAGE],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {"answer": 1, "log": None}

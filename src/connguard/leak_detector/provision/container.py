@@ -217,9 +217,11 @@ class ContainerProvider:
             log.chmod(0o666)
             container.with_volume_mapping(str(self.log_dir), LOG_MOUNT, "rw")
             # The image's own entrypoint, with stderr (and so every backend's) sent to the file.
-            kwargs["entrypoint"] = [
-                "sh", "-c", f'exec "$@" 2>>{LOG_MOUNT}/postgres.log', "sh", *entrypoint,
-            ]  # fmt: skip
+            # A file the container may not write (an SELinux label, say) must not stop the
+            # server: it starts without the log, and _log_keeps_up finds none.
+            log_file = f"{LOG_MOUNT}/postgres.log"
+            script = f'if [ -w {log_file} ]; then exec "$@" 2>>{log_file}; fi; exec "$@"'
+            kwargs["entrypoint"] = ["sh", "-c", script, "sh", *entrypoint]
             command += LOG_ARGS
             # Some testcontainers releases wait for the server's "ready" line in the container's
             # output, which now goes to the file; _wait_for_server is the readiness check.
