@@ -265,6 +265,7 @@ class LeakDetector:
             return
         self._checked = True
         ledger = self.ledger
+        collected: dict[int, Backend] | None = None
         if (
             not self._registered
             and not ledger.open
@@ -280,11 +281,11 @@ class LeakDetector:
                 return  # no: the connection log proved nothing changed since the last snapshot
             observer = self.observer
             if observer.pending:
-                snapshot = observer.collect()  # sent at the end of the call phase
-                if not snapshot.keys() - self._before.keys():
-                    if not self._newly_idle_in_transaction(snapshot):
+                collected = observer.collect()  # sent at the end of the call phase
+                if not collected.keys() - self._before.keys():
+                    if not self._newly_idle_in_transaction(collected):
                         return
-                # Something to explain: _evaluate takes a fresh snapshot and decides.
+                # Something to explain: _evaluate decides, from this same snapshot.
         nodeid = item.nodeid
 
         def belongs(owner: Owner | None) -> bool:
@@ -292,7 +293,9 @@ class LeakDetector:
 
         # Earlier tests' stragglers first, so their backends are not counted as this test's.
         self._collect_surfaced(nodeid)
-        outcome = self._evaluate(belongs, nodeid, nodeid, item, test_level=True)
+        outcome = self._evaluate(
+            belongs, nodeid, nodeid, item, test_level=True, collected=collected
+        )
         if outcome is not None:
             self._item_outcomes.append(outcome)
 
@@ -350,8 +353,15 @@ class LeakDetector:
     # -- the decision
 
     def _evaluate(
-        self, belongs, label: str, nodeid: str, item: pytest.Item | None, test_level: bool
+        self,
+        belongs,
+        label: str,
+        nodeid: str,
+        item: pytest.Item | None,
+        test_level: bool,
+        collected: dict[int, Backend] | None = None,
     ) -> Outcome | None:
+        """What these owners leaked; `collected`: the call phase's snapshot, already collected."""
         ledger = self.ledger
         leaked = self._unreleased(belongs)
         if test_level:
@@ -368,11 +378,11 @@ class LeakDetector:
             # Without function-scoped fixtures nothing ran since the end of the call phase but
             # pytest's reporting: the answer given then stands, as a snapshot sent then would.
             unchanged = self._server_unchanged() if self._registered else self._unchanged_at_call
-            if not observer.pending and unchanged:
+            if collected is None and not observer.pending and unchanged:
                 # Proven unchanged since the last snapshot (and so nothing is held: no leak).
                 snapshot = observer.last
             else:
-                snapshot = observer.collect()
+                snapshot = collected if collected is not None else observer.collect()
                 leaked_pids = {r.pid for r in leaked if r.pid is not None}
                 new = set(snapshot) - set(self._before) - leaked_pids
                 if new:

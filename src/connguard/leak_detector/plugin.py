@@ -10,8 +10,8 @@ else (no driver import, no server). With it:
    creates its own database and, if `leak_check_url_env` names a variable, sets it to that
    database's URL, so an app imported by a conftest.py already sees it.
 2. It registers `connguard.leak_detector.detect.LeakDetector(config, database, server)` as plugin
-   "connguard-leak-detector" (skipped while that module does not exist). On the xdist
-   controller, which runs no tests, `database` is None.
+   "connguard-leak-detector". On the xdist controller, which runs no tests, `database` is
+   None.
 3. pytest_unconfigure (trylast), after the detector has counted: drop the databases, stop the
    server, remove the temporary directory or container.
 """
