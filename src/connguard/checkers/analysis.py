@@ -1855,6 +1855,8 @@ class FunctionAnalysis:
         if type(func) is cst.Attribute:
             method = func.attr.value
             recv = func.value
+            # `pool.terminate()`: every connection that pool handed out ends here
+            teardown = ex.is_pool_teardown(method) and not call.args
             if type(recv) is cst.Name and recv.value in self.tracked:
                 self._ev.append(
                     (
@@ -1863,7 +1865,7 @@ class FunctionAnalysis:
                         Use("method", method=method, awaited=use.awaited, outer=use, node=call),
                     )
                 )
-                if ex.is_pool_teardown(method) and not call.args:
+                if teardown:
                     self._ev.append(("pool-teardown", recv.value))
             elif type(recv) is cst.Name:
                 binding = self.m.callee_binding(recv, self.info)
@@ -1874,10 +1876,10 @@ class FunctionAnalysis:
                     and method in ("remove", "close")
                 ):
                     self._ev.append(("registry", method))
-                elif ex.is_pool_teardown(method) and not call.args:
+                elif teardown:
                     self._ev.append(("pool-teardown", ""))
             else:
-                if ex.is_pool_teardown(method) and not call.args:
+                if teardown:
                     self._ev.append(("pool-teardown", ""))
                 self.value(
                     recv, Use("method", method=method, awaited=use.awaited, outer=use, node=call)
