@@ -32,6 +32,7 @@ reported anything (goal: 0).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -175,17 +176,11 @@ def false_positives(runs: int, backends: list[str], image: str) -> int:
             project = write_project(
                 Path(tmp), INI_AUTO_SESSION, conftest=CLEAN_CONFTEST, test_clean=TEST_CLEAN
             )
-            container = _container_args(image)
-            for label, url, extra, chosen in [
-                (
-                    f"{backend}, {mode}",
-                    server.url if backend == "url" else None,
-                    extra,
-                    container if backend == "container" else None,
-                )
-                for backend in backends
-                for mode, extra in (("serial", ()), ("-n 2", ("-p", "xdist", "-n", "2")))
-            ]:
+            modes = (("serial", ()), ("-n 2", ("-p", "xdist", "-n", "2")))
+            for backend, (mode, extra) in itertools.product(backends, modes):
+                url = server.url if backend == "url" else None
+                chosen = _container_args(image) if backend == "container" else None
+                label = f"{backend}, {mode}"
                 reported = 0
                 for number in range(runs):
                     report = Path(tmp) / f"report-{number}.json"
