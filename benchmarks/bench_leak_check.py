@@ -8,8 +8,13 @@ rounds. Two ways with it, each compared with a run without it on the same kind o
   skip the per-test pg_stat_activity query when nothing can have changed. Its baseline runs
   on a cluster started just before it, as fresh as the one --leak-check starts (a server that
   has run for minutes answers differently: warm caches, but checkpoints and more WAL).
-- url: --leak-check-db=url on a cluster started once here, which asks the server after every
-  test. Its baseline runs on that same cluster.
+- url: --leak-check-db=url on a cluster started once here. That server runs on this machine, so
+  the postmaster's children in the process table let the detector skip the query as the
+  connection log does. Its baseline runs on that same cluster.
+- url-container (only when asked, with --image): --leak-check-db=url on a container started
+  once here (host networking, its own PID namespace), as a CI service container is: the
+  detector cannot see its processes and asks the server after every test. Its baseline runs
+  on that same container.
 - container (only when asked, with --image): --leak-check-db=container on host networking,
   whose server keeps the same connection log on a Linux engine of this machine. Its baseline
   runs on a container started just before it.
@@ -20,7 +25,7 @@ the tests' span (first test start to last test end) and the whole pytest process
 exit, as a user times it).
 
     .venv/bin/python benchmarks/bench_leak_check.py [--tests 500] [--rounds 5]
-        [--work light typical] [--backend local url container] [--image IMAGE]
+        [--work light typical] [--backend local url container url-container] [--image IMAGE]
 
 With --false-positives N it instead runs the clean suite of the leak-detector tests
 (tests/leak_detector/leak_projects.py: pooled idle connections, session-scoped engines and
@@ -161,6 +166,16 @@ def _container_args(image: str) -> tuple[str, ...]:
     return ("--leak-check-db=container", "--leak-check-network=host", f"--leak-check-image={image}")
 
 
+def _url_servers(local_url: str, backends: list[str], image: str) -> tuple[dict[str, str], Any]:
+    """The server each url backend uses, by backend, and the container started for one."""
+    if "url-container" not in backends:
+        return {"url": local_url}, None
+    from connguard.leak_detector.provision.container import ContainerProvider
+
+    remote = ContainerProvider(image=image, network="host", allow_pull=False)
+    return {"url": local_url, "url-container": remote.start().url}, remote
+
+
 def false_positives(runs: int, backends: list[str], image: str) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "leak_detector"))
     from leak_projects import CONFTEST as CLEAN_CONFTEST
@@ -170,6 +185,7 @@ def false_positives(runs: int, backends: list[str], image: str) -> int:
 
     provider = LocalProvider(max_connections=200)
     server = provider.start()
+    urls, remote = _url_servers(server.url, backends, image)
     bad = 0
     try:
         with tempfile.TemporaryDirectory(prefix="fp-leak-") as tmp:
@@ -178,7 +194,7 @@ def false_positives(runs: int, backends: list[str], image: str) -> int:
             )
             modes = (("serial", ()), ("-n 2", ("-p", "xdist", "-n", "2")))
             for backend, (mode, extra) in itertools.product(backends, modes):
-                url = server.url if backend == "url" else None
+                url = urls.get(backend)
                 chosen = _container_args(image) if backend == "container" else None
                 label = f"{backend}, {mode}"
                 reported = 0
@@ -201,10 +217,14 @@ def false_positives(runs: int, backends: list[str], image: str) -> int:
                 bad += reported
     finally:
         provider.stop()
+        if remote is not None:
+            remote.stop()
     return 1 if bad else 0
 
 
-def _baseline(root: Path, backend: str, server_url: str, env: dict[str, str], image: str) -> dict:
+def _baseline(
+    root: Path, backend: str, server_url: str | None, env: dict[str, str], image: str
+) -> dict:
     """The suite without --leak-check, on the kind of server `backend` gives the checked run.
 
     A fresh database each time, as --leak-check makes one: the first connections to a new
@@ -309,7 +329,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", nargs="+", choices=sorted(TESTS), default=["light", "typical"])
     parser.add_argument(
-        "--backend", nargs="+", choices=["local", "url", "container"], default=["local", "url"]
+        "--backend",
+        nargs="+",
+        choices=["local", "url", "container", "url-container"],
+        default=["local", "url"],
     )
     parser.add_argument(
         "--image",
@@ -325,6 +348,7 @@ def main() -> int:
 
     provider = LocalProvider(max_connections=100)
     server = provider.start()
+    urls, remote = _url_servers(server.url, options.backend, options.image)
     try:
         env = {
             k: v
@@ -334,8 +358,11 @@ def main() -> int:
         common = ["--leak-check", "--leak-check-url-env=DATABASE_URL"]
         checked_args = {
             "local": [*common, "--leak-check-db=local"],
-            "url": [*common, "--leak-check-db=url", f"--leak-check-db-url={server.url}"],
             "container": [*common, *_container_args(options.image)],
+            **{
+                backend: [*common, "--leak-check-db=url", f"--leak-check-db-url={url}"]
+                for backend, url in urls.items()
+            },
         }
         runs: dict[str, dict[str, list[dict]]] = {}
         for work in options.work:
@@ -347,7 +374,7 @@ def main() -> int:
                     results = {}
                     for backend in options.backend:
                         results[f"plain-{backend}"] = _baseline(
-                            root, backend, server.url, env, options.image
+                            root, backend, urls.get(backend), env, options.image
                         )
                         results[backend] = run_suite(root, checked_args[backend], env)
                     if number >= 0:
@@ -356,6 +383,8 @@ def main() -> int:
             runs[work] = found
     finally:
         provider.stop()
+        if remote is not None:
+            remote.stop()
 
     print(
         f"{options.tests} generated tests, {options.rounds} rounds each way, alternating, "

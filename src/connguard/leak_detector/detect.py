@@ -6,10 +6,11 @@ Registered by plugin.py only with --leak-check. Per test:
    runs (and, through a context variable, for the tasks and threads it starts).
 2. end of the call phase: a connection still held by a task the test started and that is still
    running is a leak, even if a later teardown cancels that task. The server snapshot is sent
-   now and collected at step 3, so its round trip overlaps pytest's own teardown work; on the
-   local backend, and the container backend on a Linux engine of this machine, it is skipped
-   when the server's connection log proves nothing changed (see _server_unchanged and
-   observer.ConnectionLog).
+   now and collected at step 3, so its round trip overlaps pytest's own teardown work. It is
+   skipped when the server's connection log (local backend, container backend on a Linux
+   engine of this machine) or, for a url server on this machine, the postmaster's children in
+   the process table prove that no backend came or went (see _server_unchanged, and
+   observer.ConnectionLog and observer.PostmasterChildren).
 3. after the test's function-scoped fixtures are finalized, and before any wider-scoped fixture
    is: the test's open records, plus checkouts whose proxy the garbage collector reclaimed, plus
    backends that appeared on the server that the ledger cannot explain, are its leaks.
@@ -432,20 +433,22 @@ class LeakDetector:
     def _server_unchanged(self) -> bool:
         """Whether the server can show nothing the last snapshot did not; no round trip.
 
-        Only with a connection log (local and container backends): it proves that no backend came or
-        went. What could change without one is a backend's state; that takes a connection in
+        Only with a proof that no backend came or went (observer.proof): the server's connection
+        log (local and container backends), or the postmaster's children in this machine's
+        process table (a url server on this machine). What could change without a backend
+        coming or going is a backend's state; that takes a connection in
         use, so the ledger must hold none, and every backend of the last snapshot must be an
         idle connection resting in a pool, outside a transaction.
         """
         observer = self.observer
-        log = observer.log
+        proof = observer.proof
         ledger = self.ledger
-        if log is None or ledger.reclaimed or self._task_held:
+        if proof is None or ledger.reclaimed or self._task_held:
             return False
         if ledger.open and ledger.holds_any():
             return False
         last = observer.last
-        if last is None or not log.unchanged():
+        if last is None or not proof.unchanged():
             return False
         for backend in last.values():
             if backend.state != "idle":
@@ -637,7 +640,11 @@ class LeakDetector:
                 ),
                 # How often the server was asked; None on the xdist controller (no observer).
                 "server_snapshots": self.observer.queries if self.observer is not None else None,
-                "connection_log": self.observer is not None and self.observer.log is not None,
+                # What let tests skip the server round trip: "connection log", "process
+                # table", or None (every test asked).
+                "server_proof": self.observer.proof.kind
+                if self.observer is not None and self.observer.proof is not None
+                else None,
             },
         )
 

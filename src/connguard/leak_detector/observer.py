@@ -6,8 +6,12 @@ the code under test (an async observer would have to share that loop, or block i
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
+import struct
+import sys
 import time
 from typing import NamedTuple
 
@@ -21,6 +25,14 @@ _QUERY = (
     b"AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
 )
 _STATEMENT = b"connguard_snapshot"
+# Which of these pids can never become a client backend of our database: other processes of
+# the server (checkpointer, autovacuum, parallel workers...) and other databases' backends. A
+# client backend whose database is not yet known may still be ours; an unlisted pid too.
+_OTHERS = (
+    b"SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[]) AND NOT ("
+    b"backend_type = 'client backend' AND "
+    b"(datname IS NULL OR datname = $2 OR starts_with(datname, $2 || '_t')))"
+)
 
 
 class Backend(NamedTuple):
@@ -55,6 +67,8 @@ class ConnectionLog:
     ended, or belongs to another database, the server's set of backends is still that
     snapshot's, and the next test's round trip can be skipped.
     """
+
+    kind = "connection log"
 
     def __init__(self, path: str, dbname: str, gone_after: float | None = None) -> None:
         self._fd = os.open(path, os.O_RDONLY)
@@ -142,6 +156,120 @@ class ConnectionLog:
             pass
 
 
+class PostmasterChildren:
+    """The server's processes, read from this machine's process table: a proof, with one pread,
+    that no backend came or went.
+
+    For a server on this machine, in this PID namespace (see `attach`): every backend is a
+    child of the postmaster, and the kernel lists a process's children in
+    /proc/PID/task/PID/children, in the order they were forked. When that list is the one
+    read just before the last snapshot was asked for, and each process on it was either listed
+    by that snapshot or is known never to be a client backend of our database, the server's
+    set of backends is still that snapshot's. A pid that goes and comes back between two reads
+    would need the machine's pids to wrap around within one test.
+    """
+
+    kind = "process table"
+
+    def __init__(self, postmaster: int, observer_pid: int, others) -> None:
+        self._fd = os.open(f"/proc/{postmaster}/task/{postmaster}/children", os.O_RDONLY)
+        self._asked: bytes | None = None  # the children when the pending snapshot was asked for
+        self._proven: bytes | None = None  # the children every one of which is accounted for
+        # Processes that are not, and cannot become, client backends of our database, and
+        # how to ask the server which of some pids are such.
+        self._others: set[int] = {observer_pid}
+        self._ask_others = others
+
+    @classmethod
+    def attach(cls, pgconn, backend_pid: int, others) -> PostmasterChildren | None:
+        """The proof for the server behind `pgconn`, or None if its processes are not ours to see.
+
+        The backend serving `pgconn` must be a process of this machine that we can name for
+        certain: over a Unix socket the kernel gives the listening postmaster's pid (in our
+        namespace); over loopback TCP the backend's process title names our client port. A
+        server in a container, on another host, or behind a proxy fails these checks.
+        """
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            with socket.socket(fileno=os.dup(pgconn.socket)) as sock:
+                if sock.family == socket.AF_UNIX:
+                    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                    postmaster = struct.unpack("3i", creds)[0]
+                    named = _parent(backend_pid) == postmaster
+                else:
+                    if not ipaddress.ip_address(sock.getpeername()[0]).is_loopback:
+                        return None
+                    with open(f"/proc/{backend_pid}/cmdline", "rb") as file:
+                        title = file.read()
+                    port = sock.getsockname()[1]
+                    postmaster = _parent(backend_pid)
+                    named = title.startswith(b"postgres") and f"({port})".encode() in title
+            if not named or len(os.listdir(f"/proc/{postmaster}/task")) != 1:
+                return None  # a multi-threaded postmaster would list children per thread
+            proof = cls(postmaster, backend_pid, others)
+        except Exception:  # whatever the reason, no proof: every test asks the server
+            return None
+        proof.read()
+        listing, proof._asked = proof._asked, None
+        if listing is None or backend_pid not in proof._children(listing):
+            proof.close()
+            return None
+        return proof
+
+    @staticmethod
+    def _children(listing: bytes) -> set[int]:
+        return {int(pid) for pid in listing.split()}
+
+    def unchanged(self) -> bool:
+        """The server has the processes it had when the last snapshot was asked for."""
+        if self._proven is None:
+            return False
+        try:
+            return os.pread(self._fd, _LISTING, 0) == self._proven
+        except OSError:  # the postmaster is gone
+            return False
+
+    def read(self) -> None:
+        """Call it just before asking for a snapshot."""
+        try:
+            asked = os.pread(self._fd, _LISTING, 0)
+        except OSError:
+            asked = None
+        # A listing that fills the buffer may have been cut short: it proves nothing.
+        self._asked = asked if asked and len(asked) < _LISTING else None
+
+    def listed(self, pids) -> None:
+        """A snapshot asked for after the last read listed these backends."""
+        asked, self._asked, self._proven = self._asked, None, None
+        if asked is None:
+            return
+        children = self._children(asked)
+        self._others &= children  # a pid that left may come back as someone else
+        unknown = children - self._others - pids.keys()
+        if unknown:
+            self._others |= self._ask_others(unknown)
+            unknown -= self._others
+        if not unknown:
+            self._proven = asked
+
+    def close(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+# Room for some ten thousand children; a larger buffer would cost an mmap per read.
+_LISTING = 1 << 16
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as file:
+        stat = file.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
 class ObserverError(RuntimeError):
     """The observer could not connect or query; the message says why."""
 
@@ -158,12 +286,6 @@ class Observer:
 
         self.dbname = dbname
         self.queries = 0  # snapshots taken from the server
-        self.log: ConnectionLog | None = None
-        if connection_log is not None:
-            try:
-                self.log = ConnectionLog(connection_log, dbname, log_gone_after)
-            except OSError:  # unreadable: every test asks the server, as for any other
-                self.log = None
         try:
             # Autocommit is essential: inside a transaction PostgreSQL freezes the first
             # pg_stat_activity snapshot it hands out, so later reads would never see a
@@ -185,13 +307,23 @@ class Observer:
                 f"cannot prepare the observer query: "
                 f"{prepared.error_message.decode(errors='replace').strip()}"
             )
+        # What proves, without a round trip, that no backend came or went (see
+        # detect._server_unchanged); without one, every test asks the server.
+        self.proof: ConnectionLog | PostmasterChildren | None = None
+        if connection_log is not None:
+            try:
+                self.proof = ConnectionLog(connection_log, dbname, log_gone_after)
+            except OSError:  # unreadable
+                pass
+        if self.proof is None:
+            self.proof = PostmasterChildren.attach(self._pgconn, self.pid, self._others)
 
     def send(self) -> None:
         """Ask for a snapshot now and collect it later: the round trip overlaps pytest's work."""
         if self.broken is not None or self._pending:
             return
-        if self.log is not None:
-            self.log.read()
+        if self.proof is not None:
+            self.proof.read()
         try:
             self._pgconn.send_query_prepared(_STATEMENT, [self._dbname])  # raises on failure
             while self._pgconn.flush():
@@ -221,8 +353,8 @@ class Observer:
             self.collect()
         if self.broken is not None:
             return {}
-        if self.log is not None:
-            self.log.read()
+        if self.proof is not None:
+            self.proof.read()
         try:
             return self._store(self._pgconn.exec_prepared(_STATEMENT, [self._dbname]))
         except Exception as error:
@@ -248,9 +380,17 @@ class Observer:
             )
         self.last = found
         self.queries += 1
-        if self.log is not None:
-            self.log.listed(found)
+        if self.proof is not None:
+            self.proof.listed(found)
         return found
+
+    def _others(self, pids: set[int]) -> set[int]:
+        """Which of `pids` are server processes that can never be client backends of ours."""
+        array = ("{" + ",".join(map(str, pids)) + "}").encode()
+        result = self._pgconn.exec_params(_OTHERS, [array, self._dbname])
+        if result.error_message:
+            raise ObserverError(result.error_message.decode(errors="replace").strip())
+        return {int(result.get_value(row, 0)) for row in range(result.ntuples)}
 
     def _broke(self, error: BaseException) -> None:
         # The server went away: from here on the ledger decides alone.
@@ -278,8 +418,8 @@ class Observer:
         return self._pending
 
     def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
+        if self.proof is not None:
+            self.proof.close()
         try:
             self._conn.close()
         except Exception:
