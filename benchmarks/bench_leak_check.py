@@ -30,8 +30,8 @@ exit, as a user times it).
 With --false-positives N it instead runs the clean suite of the leak-detector tests
 (tests/leak_detector/leak_projects.py: pooled idle connections, session-scoped engines and
 pools, close in finally, finished background tasks, ...) N times serially and N times with
-`-n 2`, on each backend given (container too, with --image), and prints how many runs
-reported anything (goal: 0).
+`-n 2`, on each backend given (container and url-container too, with --image), and prints how
+many runs reported anything (goal: 0).
 """
 
 from __future__ import annotations
