@@ -19,6 +19,7 @@ from leak_projects import (
     run,
     write_project,
 )
+from provision_helpers import LoopbackProxy
 
 from connguard.leak_detector.provision.local import LocalProvider, find_bindir
 
@@ -38,6 +39,21 @@ def server_url():
         provider.stop()
 
 
+@pytest.fixture(scope="module")
+def proxied_url(server_url):
+    """The same server behind a TCP proxy: its processes cannot be named, so each test asks."""
+    with LoopbackProxy(int(server_url.rsplit(":", 1)[1].split("/")[0])) as proxy:
+        yield proxy.url(server_url)
+
+
+# How each kind of run may skip the server round trip (the report's server_proof).
+PROOFS = {"asked": None, "url": "process table", "local": "connection log"}
+
+
+def _server_of(kind: str, server_url: str, proxied_url: str) -> str | None:
+    return {"asked": proxied_url, "url": server_url, "local": None}[kind]
+
+
 EXPECTED_KINDS = {
     "test_never_closed_session": ["SQLAlchemy session"],
     "test_close_skipped_by_exception": ["SQLAlchemy session"],
@@ -54,17 +70,20 @@ EXPECTED_KINDS = {
 }
 
 
-# "url": every test asks the server. "local": the run's own cluster, whose connection log lets
-# the detector skip that question when nothing can have changed; the verdicts must not change.
-@pytest.fixture(scope="module", params=["url", "local"])
-def leaky_run(request, server_url, tmp_path_factory):
+# "asked": every test asks the server. "url" (a server on this machine) and "local" (the run's
+# own cluster): the process table or the connection log lets the detector skip that question
+# when nothing can have changed; the verdicts must not change.
+@pytest.fixture(scope="module", params=list(PROOFS))
+def leaky_run(request, server_url, proxied_url, tmp_path_factory):
     project = write_project(
         tmp_path_factory.mktemp("leaky"), INI_AUTO_SESSION,
         conftest=CONFTEST, test_leaky=TEST_LEAKY,
     )  # fmt: skip
-    url = server_url if request.param == "url" else None
+    url = _server_of(request.param, server_url, proxied_url)
     result = run(project, url, "--leak-check-report=report.json", "-rA")
-    return project, result, load_report(project / "report.json")
+    report = load_report(project / "report.json")
+    assert report["server_proof"] == PROOFS[request.param]
+    return project, result, report
 
 
 def test_every_leak_fails_its_test_and_names_the_opening_line(leaky_run):
@@ -210,20 +229,24 @@ def clean_project(tmp_path_factory):
     [
         ("url", ()),
         ("url", ("-p", "xdist", "-n", "2")),
-        ("url", ()),
+        ("asked", ()),
+        ("asked", ("-p", "xdist", "-n", "2")),
         ("local", ()),
         ("local", ("-p", "xdist", "-n", "2")),
     ],
-    ids=["serial", "xdist-n2", "serial-again", "local-serial", "local-xdist-n2"],
+    ids=["serial", "xdist-n2", "asked-serial", "asked-xdist-n2", "local-serial", "local-xdist-n2"],
 )
-def test_clean_suite_passes(server_url, clean_project, backend, extra, tmp_path):
+def test_clean_suite_passes(server_url, proxied_url, clean_project, backend, extra, tmp_path):
     report_path = tmp_path / "report.json"
-    url = server_url if backend == "url" else None
+    url = _server_of(backend, server_url, proxied_url)
     result = run(clean_project, url, f"--leak-check-report={report_path}", *extra)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "13 passed" in result.stdout
     assert "connguard: " in result.stdout  # the header: the check really ran
-    assert load_report(report_path)["results"] == []
+    report = load_report(report_path)
+    assert report["results"] == []
+    if not extra:  # (under xdist the controller has no observer, and reports no proof)
+        assert report["server_proof"] == PROOFS[backend]
 
 
 def test_function_loop_strict_mode(server_url, tmp_path):
