@@ -5,6 +5,7 @@ a run that asks the server after every test."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -13,7 +14,7 @@ import pytest
 from leak_projects import CONFTEST, INI_AUTO_SESSION, load_report, run, write_project
 from provision_helpers import LoopbackProxy
 
-from connguard.leak_detector.observer import ConnectionLog, Observer
+from connguard.leak_detector.observer import ConnectionLog, Observer, PostmasterChildren
 from connguard.leak_detector.provision.local import LocalProvider, _wheel_bindir, find_bindir
 
 pytestmark = pytest.mark.skipif(
@@ -146,6 +147,33 @@ def test_postmaster_children_account_for_every_backend(local_server, over):
         observer.close()
         with psycopg.connect(local_server.url, autocommit=True) as admin:
             admin.execute("drop database watched")
+
+
+def test_a_pid_that_comes_back_after_a_newcomer_is_asked_about_again():
+    # Pid reuse cannot be staged; the bookkeeping can. Children are listed in fork order, so a
+    # known pid listed after a newcomer is a new process that got the old pid back.
+    asked = []
+
+    def others(pids):
+        asked.append(set(pids))
+        return {pid for pid in pids if pid != 40}  # 40 is a backend of ours, starting up
+
+    proof = PostmasterChildren(os.getpid(), 10, others)  # our own (real) children file
+    try:
+        proof._seen = {10, 20, 30, 40}
+        proof._asked = b"10 20 30 "
+        proof.listed({})
+        assert asked == [{20, 30}] and proof._proven == b"10 20 30 "
+        # 30 ended; 40 started (ours, not yet listed), then a new process got pid 30 back
+        proof._asked = b"10 20 40 30 "
+        proof.listed({})
+        assert asked[1] == {30, 40}  # 30 is asked about again, 20 is not
+        assert proof._proven is None  # 40 is unaccounted for
+        proof._asked = b"10 20 40 30 "
+        proof.listed({40: None})  # the next snapshot lists it
+        assert proof._proven == b"10 20 40 30 " and len(asked) == 2
+    finally:
+        proof.close()
 
 
 def test_no_process_table_proof_for_a_server_behind_a_proxy(local_server):

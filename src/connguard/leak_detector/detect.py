@@ -231,8 +231,8 @@ class LeakDetector:
                 CURRENT_OWNER.set(None)
             self._flag_running_tasks()
             # The server snapshot for this test travels while pytest reports the call and
-            # tears the fixtures down; _evaluate collects it. With a connection log it is
-            # often proven unnecessary instead.
+            # tears the fixtures down; _evaluate collects it. With a proof that no backend
+            # came or went (observer.proof) it is often unnecessary instead.
             self._unchanged_at_call = self._server_unchanged()
             if not self._unchanged_at_call:
                 self.observer.send()
@@ -279,7 +279,7 @@ class LeakDetector:
             # now and no pool was made. What is left to ask is whether the server shows a
             # backend, or a state, that the test could have left.
             if self._unchanged_at_call:
-                return  # no: the connection log proved nothing changed since the last snapshot
+                return  # no: the proof showed nothing changed since the last snapshot
             observer = self.observer
             if observer.pending:
                 collected = observer.collect()  # sent at the end of the call phase

@@ -165,8 +165,9 @@ class PostmasterChildren:
     /proc/PID/task/PID/children, in the order they were forked. When that list is the one
     read just before the last snapshot was asked for, and each process on it was either listed
     by that snapshot or is known never to be a client backend of our database, the server's
-    set of backends is still that snapshot's. A pid that goes and comes back between two reads
-    would need the machine's pids to wrap around within one test.
+    set of backends is still that snapshot's. (A backend that ends and whose pid comes back as a
+    new one, with no other process of the server starting or ending in between, would go
+    unseen; that takes the machine's pids to wrap around first.)
     """
 
     kind = "process table"
@@ -179,6 +180,7 @@ class PostmasterChildren:
         # how to ask the server which of some pids are such.
         self._others: set[int] = {observer_pid}
         self._ask_others = others
+        self._seen: set[int] = set()  # the children at the last snapshot (or at attach)
 
     @classmethod
     def attach(cls, pgconn, backend_pid: int, others) -> PostmasterChildren | None:
@@ -212,14 +214,11 @@ class PostmasterChildren:
             return None
         proof.read()
         listing, proof._asked = proof._asked, None
-        if listing is None or backend_pid not in proof._children(listing):
+        proof._seen = set(map(int, listing.split())) if listing is not None else set()
+        if backend_pid not in proof._seen:
             proof.close()
             return None
         return proof
-
-    @staticmethod
-    def _children(listing: bytes) -> set[int]:
-        return {int(pid) for pid in listing.split()}
 
     def unchanged(self) -> bool:
         """The server has the processes it had when the last snapshot was asked for."""
@@ -244,7 +243,16 @@ class PostmasterChildren:
         asked, self._asked, self._proven = self._asked, None, None
         if asked is None:
             return
-        children = self._children(asked)
+        order = [int(pid) for pid in asked.split()]
+        children = set(order)
+        # The kernel lists children in the order they were forked: whatever follows a
+        # newcomer is new too, though its pid was seen before (it ended and came back).
+        seen = self._seen
+        for index, pid in enumerate(order):
+            if pid not in seen:
+                self._others.difference_update(order[index:])
+                break
+        self._seen = children
         self._others &= children  # a pid that left may come back as someone else
         unknown = children - self._others - pids.keys()
         if unknown:
