@@ -169,19 +169,18 @@ def start_waiting_run(project: Path, started: Path, *args: str, extra: dict | No
 class LoopbackProxy:
     """A TCP forwarder on 127.0.0.1 to a server's port, as a connection pooler or a container's
     published port would stand between the client and PostgreSQL: the server's backends then
-    name the proxy's ports, not the client's. A context manager; `url(url)` rewrites a URL to
-    go through it."""
+    name the proxy's ports, not the client's. A context manager; `url` is the server's URL
+    rewritten to go through it."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, server_url: str) -> None:
         import socket
+        from urllib.parse import urlsplit
 
-        self._target = ("127.0.0.1", target_port)
+        port = urlsplit(server_url).port
+        self._target = ("127.0.0.1", port)
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
+        self.url = server_url.replace(f":{port}/", f":{self._listener.getsockname()[1]}/")
         self._sockets: list = []
-
-    def url(self, url: str) -> str:
-        return url.replace(f":{self._target[1]}/", f":{self.port}/")
 
     def __enter__(self) -> LoopbackProxy:
         import threading

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -49,7 +50,7 @@ def test_connection_log_accounts_for_every_backend(local_server):
         # A client that connects and says nothing: the backend logged its arrival and is not
         # yet in pg_stat_activity (it has not authenticated). Until it is gone, nothing is
         # proven, even once its line has been read.
-        host, port = "127.0.0.1", int(local_server.url.rsplit(":", 1)[1].split("/")[0])
+        host, port = "127.0.0.1", urlsplit(local_server.url).port
         silent = socket.create_connection((host, port))
         assert _until(lambda: not log.unchanged())
         log.read()
@@ -84,7 +85,7 @@ def test_without_the_servers_process_table_a_silent_backend_ends_with_the_timeou
     # counts as gone once the server's authentication timeout has surely passed.
     log = ConnectionLog(local_server.details["connection_log"], "postgres", gone_after=0.5)
     try:
-        host, port = "127.0.0.1", int(local_server.url.rsplit(":", 1)[1].split("/")[0])
+        host, port = "127.0.0.1", urlsplit(local_server.url).port
 
         def read_then_unchanged() -> bool:
             log.read()  # whatever else the server logs meanwhile is taken in too
@@ -100,10 +101,6 @@ def test_without_the_servers_process_table_a_silent_backend_ends_with_the_timeou
         assert time.monotonic() - announced >= 0.4
     finally:
         log.close()
-
-
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].split("/")[0])
 
 
 @pytest.mark.parametrize("over", ["tcp", "unix socket"])
@@ -124,7 +121,7 @@ def test_postmaster_children_account_for_every_backend(local_server, over):
 
         # A client that connects and says nothing: its backend is forked at once, and is not
         # in pg_stat_activity until it authenticates. Nothing is proven until it is gone.
-        silent = socket.create_connection(("127.0.0.1", _port(local_server.url)))
+        silent = socket.create_connection(("127.0.0.1", urlsplit(local_server.url).port))
         assert _until(lambda: not proof.unchanged())
         assert observer.snapshot() == {}
         assert not proof.unchanged()
@@ -179,8 +176,8 @@ def test_a_pid_that_comes_back_after_a_newcomer_is_asked_about_again():
 def test_no_process_table_proof_for_a_server_behind_a_proxy(local_server):
     # Between client and server a pooler or a published container port may stand; the
     # backends' titles then name another port, and the process table proves nothing.
-    with LoopbackProxy(_port(local_server.url)) as proxy:
-        observer = Observer(proxy.url(local_server.url), "postgres")
+    with LoopbackProxy(local_server.url) as proxy:
+        observer = Observer(proxy.url, "postgres")
         try:
             assert observer.proof is None
             with psycopg.connect(local_server.url, autocommit=True) as conn:
@@ -316,8 +313,8 @@ def gated_run(root, url: str | None, *args: str, backend=None, selected: int = T
 
 
 def test_skips_only_what_is_proven_and_misses_nothing(local_server, tmp_path):
-    with LoopbackProxy(_port(local_server.url)) as proxy:
-        _, asked = gated_run(tmp_path / "proxied", proxy.url(local_server.url))
+    with LoopbackProxy(local_server.url) as proxy:
+        _, asked = gated_run(tmp_path / "proxied", proxy.url)
     _, table = gated_run(tmp_path / "url", local_server.url)
     _, log = gated_run(tmp_path / "local", None)
     assert verdicts(asked) == verdicts(table) == verdicts(log) == EXPECTED

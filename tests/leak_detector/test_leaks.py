@@ -42,8 +42,8 @@ def server_url():
 @pytest.fixture(scope="module")
 def proxied_url(server_url):
     """The same server behind a TCP proxy: its processes cannot be named, so each test asks."""
-    with LoopbackProxy(int(server_url.rsplit(":", 1)[1].split("/")[0])) as proxy:
-        yield proxy.url(server_url)
+    with LoopbackProxy(server_url) as proxy:
+        yield proxy.url
 
 
 # How each kind of run may skip the server round trip (the report's server_proof).

@@ -199,10 +199,8 @@ def test_the_container_keeps_a_connection_log_that_misses_nothing(
         pytest.skip(f"no server to compare with: {provider.unavailable_reason()}")
     server = provider.start()
     try:  # through a proxy, as the container backend's baseline: no proof, every test asks
-        with LoopbackProxy(int(server.url.rsplit(":", 1)[1].split("/")[0])) as proxy:
-            _, url = gated_run(
-                tmp_path / "url", proxy.url(server.url), *selection, selected=selected
-            )
+        with LoopbackProxy(server.url) as proxy:
+            _, url = gated_run(tmp_path / "url", proxy.url, *selection, selected=selected)
     finally:
         provider.stop()
     assert container["server_proof"] == "connection log" and url["server_proof"] is None
