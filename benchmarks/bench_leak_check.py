@@ -53,7 +53,7 @@ import gc, json, os, time
 import pytest
 import pytest_asyncio
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 _starts = {}
 _times = []
@@ -69,6 +69,16 @@ async def engine():
         await conn.execute(text("create table if not exists agents (name text)"))
     yield eng
     await eng.dispose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def session(engine):
+    # SQLAlchemy's recipe for tests: each test runs in a transaction that is rolled back.
+    async with engine.connect() as conn:
+        outer = await conn.begin()
+        async with AsyncSession(bind=conn, join_transaction_mode="create_savepoint") as s:
+            yield s
+        await outer.rollback()
 
 
 def pytest_runtest_logstart(nodeid, location):
@@ -99,6 +109,8 @@ def pytest_sessionfinish(session):
 
 # "light": the least a test can do with the database (one pooled session, one query).
 # "typical": the shape of a CRUD test: a transaction that writes, reads back and rolls back.
+# "fixture": the same through a function-scoped session fixture whose transaction is rolled
+# back after the test, as SQLAlchemy's testing recipe has it.
 TESTS = {
     "light": """
 from sqlalchemy import text
@@ -121,6 +133,17 @@ async def test_crud_{n}(engine):
                                       {{"name": "a{n}"}})
         assert found.scalar() == 1
         await session.rollback()
+""",
+    "fixture": """
+from sqlalchemy import text
+
+
+async def test_with_fixture_{n}(session):
+    await session.execute(text("insert into agents (name) values (:name)"), {{"name": "f{n}"}})
+    await session.flush()
+    found = await session.execute(text("select count(*) from agents where name = :name"),
+                                  {{"name": "f{n}"}})
+    assert found.scalar() == 1
 """,
 }
 

