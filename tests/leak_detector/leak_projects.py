@@ -229,6 +229,7 @@ import asyncio
 import asyncpg
 import psycopg
 import pytest
+import pytest_asyncio
 from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -236,6 +237,20 @@ from sqlalchemy.orm import Session
 from conftest import SA_URL, URL
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def rolled_back(engine):
+    # SQLAlchemy's testing recipe: a connection in a transaction for the whole test
+    async with engine.connect() as conn:
+        outer = await conn.begin()
+        async with AsyncSession(bind=conn, join_transaction_mode="create_savepoint") as s:
+            yield s
+        await outer.rollback()
+
+
+async def test_function_fixture_holds_a_transaction(rolled_back):
+    await rolled_back.execute(text("select 1"))
 
 
 async def test_pooled_idle_connections(engine):
