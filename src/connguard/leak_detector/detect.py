@@ -6,11 +6,12 @@ Registered by plugin.py only with --leak-check. Per test:
    runs (and, through a context variable, for the tasks and threads it starts).
 2. end of the call phase: a connection still held by a task the test started and that is still
    running is a leak, even if a later teardown cancels that task. The server snapshot is sent
-   now and collected at step 3, so its round trip overlaps pytest's own teardown work. It is
-   skipped when the server's connection log (local backend, container backend on a Linux
-   engine of this machine) or, for a url server on this machine, the postmaster's children in
-   the process table prove that no backend came or went (see _server_unchanged, and
-   observer.ConnectionLog and observer.PostmasterChildren).
+   now and collected at step 3, so its round trip overlaps pytest's own teardown work; but
+   while the test or one of its fixtures still holds a connection, it is asked for at step 3
+   instead, after the fixtures let go. It is skipped when the server's connection log (local
+   backend, container backend on a Linux engine of this machine) or, for a url server on this
+   machine, the postmaster's children in the process table prove that no backend came or went
+   (see _server_unchanged, and observer.ConnectionLog and observer.PostmasterChildren).
 3. after the test's function-scoped fixtures are finalized, and before any wider-scoped fixture
    is: the test's open records, plus checkouts whose proxy the garbage collector reclaimed, plus
    backends that appeared on the server that the ledger cannot explain, are its leaks.
