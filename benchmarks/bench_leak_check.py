@@ -48,6 +48,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The generated projects of the leak-detector tests: their clean suite, and fixtures.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "leak_detector"))
+from leak_projects import ROLLED_BACK  # noqa: E402
+
 CONFTEST = """
 import gc, json, os, time
 import pytest
@@ -69,16 +73,6 @@ async def engine():
         await conn.execute(text("create table if not exists agents (name text)"))
     yield eng
     await eng.dispose()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def session(engine):
-    # SQLAlchemy's recipe for tests: each test runs in a transaction that is rolled back.
-    async with engine.connect() as conn:
-        outer = await conn.begin()
-        async with AsyncSession(bind=conn, join_transaction_mode="create_savepoint") as s:
-            yield s
-        await outer.rollback()
 
 
 def pytest_runtest_logstart(nodeid, location):
@@ -138,11 +132,11 @@ async def test_crud_{n}(engine):
 from sqlalchemy import text
 
 
-async def test_with_fixture_{n}(session):
-    await session.execute(text("insert into agents (name) values (:name)"), {{"name": "f{n}"}})
-    await session.flush()
-    found = await session.execute(text("select count(*) from agents where name = :name"),
-                                  {{"name": "f{n}"}})
+async def test_with_fixture_{n}(rolled_back):
+    await rolled_back.execute(text("insert into agents (name) values (:name)"), {{"name": "f{n}"}})
+    await rolled_back.flush()
+    found = await rolled_back.execute(text("select count(*) from agents where name = :name"),
+                                      {{"name": "f{n}"}})
     assert found.scalar() == 1
 """,
 }
@@ -157,7 +151,7 @@ asyncio_default_test_loop_scope = session
 
 def make_suite(root: Path, count: int, work: str) -> None:
     (root / "pytest.ini").write_text(INI)
-    (root / "conftest.py").write_text(CONFTEST)
+    (root / "conftest.py").write_text(CONFTEST + ROLLED_BACK)
     per_file = 50
     for start in range(0, count, per_file):
         tests = range(start, min(start + per_file, count))
@@ -200,7 +194,6 @@ def _url_servers(local_url: str, backends: list[str], image: str) -> tuple[dict[
 
 
 def false_positives(runs: int, backends: list[str], image: str) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "leak_detector"))
     from leak_projects import CONFTEST as CLEAN_CONFTEST
     from leak_projects import INI_AUTO_SESSION, TEST_CLEAN, run, write_project
 

@@ -28,13 +28,27 @@ asyncio_default_test_loop_scope = function
 leak_check_url_env = DATABASE_URL
 """
 
-CONFTEST = """
+# SQLAlchemy's testing recipe as a fixture of a generated project (it needs an `engine`
+# fixture): a connection in a transaction for the whole test, rolled back at teardown.
+ROLLED_BACK = """
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def rolled_back(engine):
+    async with engine.connect() as conn:
+        outer = await conn.begin()
+        async with AsyncSession(bind=conn, join_transaction_mode="create_savepoint") as s:
+            yield s
+        await outer.rollback()
+"""
+
+CONFTEST = (
+    """
 import os
 
 import asyncpg
 import pytest
 import pytest_asyncio
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 # The xdist controller imports this too, and only workers get a database.
 URL = os.environ.get("DATABASE_URL", "")
@@ -74,6 +88,8 @@ async def session_conn():
     yield conn
     await conn.close()
 """
+    + ROLLED_BACK
+)
 
 # Each test leaks exactly what its name says, on the line marked LEAK.
 TEST_LEAKY = """
@@ -229,7 +245,6 @@ import asyncio
 import asyncpg
 import psycopg
 import pytest
-import pytest_asyncio
 from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -237,16 +252,6 @@ from sqlalchemy.orm import Session
 from conftest import SA_URL, URL
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def rolled_back(engine):
-    # SQLAlchemy's testing recipe: a connection in a transaction for the whole test
-    async with engine.connect() as conn:
-        outer = await conn.begin()
-        async with AsyncSession(bind=conn, join_transaction_mode="create_savepoint") as s:
-            yield s
-        await outer.rollback()
 
 
 async def test_function_fixture_holds_a_transaction(rolled_back):

@@ -278,24 +278,13 @@ async def test_quiet_at_the_end(engine, n):
     await quiet(engine)
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def in_transaction(engine):
-    # SQLAlchemy's testing recipe: the fixture holds a connection in a transaction for the
-    # whole test, and rolls it back at teardown
-    async with engine.connect() as conn:
-        outer = await conn.begin()
-        async with AsyncSession(bind=conn, join_transaction_mode="create_savepoint") as s:
-            yield s
-        await outer.rollback()
-
-
 @pytest.mark.parametrize("n", range(3))
-async def test_quiet_in_a_fixtures_transaction(in_transaction, n):
-    assert (await in_transaction.execute(text("select 1"))).scalar() == 1
+async def test_quiet_in_a_fixtures_transaction(rolled_back, n):
+    assert (await rolled_back.execute(text("select 1"))).scalar() == 1
 
 
-async def test_unseen_connection_beside_a_fixtures_transaction(in_transaction):
-    assert (await in_transaction.execute(text("select 1"))).scalar() == 1
+async def test_unseen_connection_beside_a_fixtures_transaction(rolled_back):
+    assert (await rolled_back.execute(text("select 1"))).scalar() == 1
     test_unseen_connection_from_a_subprocess()
 
 
