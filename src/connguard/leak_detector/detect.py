@@ -289,19 +289,22 @@ class LeakDetector:
         ledger = self.ledger
         collected: dict[int, Backend] | None = None
         if (
-            not self._registered
-            and not ledger.open
+            not ledger.open
             and not ledger.reclaimed
             and not self._task_held
             and len(ledger.pools) == self._pools_at_begin
             and not self._threshold_warnings(item)
         ):
-            # The common clean test: no fixture ran since the call phase, nothing is held
-            # now and no pool was made. What is left to ask is whether the server shows a
-            # backend, or a state, that the test could have left.
-            if self._unchanged_at_call:
-                return  # no: the proof showed nothing changed since the last snapshot
+            # The common clean test: nothing is held now and no pool was made. What is left
+            # to ask is whether the server shows a backend, or a state, that the test could
+            # have left. No: the proof showed nothing changed since the last snapshot (at the
+            # end of the call phase; or now, when fixtures were torn down since).
             observer = self.observer
+            if self._registered:
+                if not observer.pending and self._server_unchanged():
+                    return
+            elif self._unchanged_at_call:
+                return
             if observer.pending:
                 collected = observer.collect()  # sent at the end of the call phase
                 if not collected.keys() - self._before.keys():
