@@ -459,9 +459,9 @@ class LeakDetector:
         Only with a proof that no backend came or went (observer.proof): the server's connection
         log (local and container backends), or the postmaster's children in this machine's
         process table (a url server on this machine). What could change without a backend
-        coming or going is a backend's state; that takes a connection in
-        use, so the ledger must hold none, and every backend of the last snapshot must be an
-        idle connection resting in a pool, outside a transaction.
+        coming or going is a backend's state; that takes a connection in use, so the ledger
+        must hold none, and every backend of the last snapshot must be an idle connection
+        resting in a pool, outside a transaction.
         """
         observer = self.observer
         proof = observer.proof
