@@ -15,23 +15,22 @@ import sys
 import time
 from typing import NamedTuple
 
-# Only client backends of our database (and of the per-test clones named after it, with
-# --leak-check-db-per-test); our own connection is excluded by pid. Other xdist workers use
-# their own database, so the datname filter already keeps them out.
+# Our database ($1), and the per-test clones named after it (--leak-check-db-per-test).
+_OURS = b"(datname = $1 OR starts_with(datname, $1 || '_t'))"
+# Only client backends of our database; our own connection is excluded by pid. Other xdist
+# workers use their own database, so the datname filter already keeps them out.
 _QUERY = (
     b"SELECT pid, state, backend_start::text, client_port, query, application_name "
     b"FROM pg_stat_activity "
-    b"WHERE (datname = $1 OR starts_with(datname, $1 || '_t')) "
-    b"AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    b"WHERE " + _OURS + b" AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
 )
 _STATEMENT = b"connguard_snapshot"
-# Which of these pids can never become a client backend of our database: other processes of
-# the server (checkpointer, autovacuum, parallel workers...) and other databases' backends. A
-# client backend whose database is not yet known may still be ours; an unlisted pid too.
+# Which of these pids ($2) can never become a client backend of our database: other processes
+# of the server (checkpointer, autovacuum, parallel workers...) and other databases' backends.
+# A client backend whose database is not yet known may still be ours; an unlisted pid too.
 _OTHERS = (
-    b"SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[]) AND NOT ("
-    b"backend_type = 'client backend' AND "
-    b"(datname IS NULL OR datname = $2 OR starts_with(datname, $2 || '_t')))"
+    b"SELECT pid FROM pg_stat_activity WHERE pid = ANY($2::int[]) AND NOT ("
+    b"backend_type = 'client backend' AND (datname IS NULL OR " + _OURS + b"))"
 )
 
 
@@ -395,7 +394,7 @@ class Observer:
     def _others(self, pids: set[int]) -> set[int]:
         """Which of `pids` are server processes that can never be client backends of ours."""
         array = ("{" + ",".join(map(str, pids)) + "}").encode()
-        result = self._pgconn.exec_params(_OTHERS, [array, self._dbname])
+        result = self._pgconn.exec_params(_OTHERS, [self._dbname, array])
         if result.error_message:
             raise ObserverError(result.error_message.decode(errors="replace").strip())
         return {int(result.get_value(row, 0)) for row in range(result.ntuples)}
