@@ -1,8 +1,9 @@
 """Overhead of `pytest --leak-check`: a generated suite of database tests, with and without it.
 
-Generates N tests (default 500) that each check a session out of a session-scoped async engine
-and run a query, then runs the suite alternately without --leak-check and with it, several
-rounds. Two ways with it, each compared with a run without it on the same kind of server:
+Generates N tests (default 500) of each shape asked for with --work (see TESTS), which all use
+the pool of a session-scoped async engine, then runs the suite alternately without
+--leak-check and with it, several rounds. Each way with it is compared with a run without it
+on the same kind of server:
 
 - local: --leak-check-db=local, the run's own cluster, whose connection log lets the detector
   skip the per-test pg_stat_activity query when nothing can have changed. Its baseline runs
@@ -183,13 +184,19 @@ def _container_args(image: str) -> tuple[str, ...]:
     return ("--leak-check-db=container", "--leak-check-network=host", f"--leak-check-image={image}")
 
 
+def _container(image: str) -> Any:
+    """A provider of a server in a container of `image`, on host networking (its own PID
+    namespace): what the container and url-container baselines and servers run on."""
+    from connguard.leak_detector.provision.container import ContainerProvider
+
+    return ContainerProvider(image=image, network="host", allow_pull=False)
+
+
 def _url_servers(local_url: str, backends: list[str], image: str) -> tuple[dict[str, str], Any]:
     """The server each url backend uses, by backend, and the container started for one."""
     if "url-container" not in backends:
         return {"url": local_url}, None
-    from connguard.leak_detector.provision.container import ContainerProvider
-
-    remote = ContainerProvider(image=image, network="host", allow_pull=False)
+    remote = _container(image)
     return {"url": local_url, "url-container": remote.start().url}, remote
 
 
@@ -254,9 +261,7 @@ def _baseline(
     if backend == "local":
         provider = LocalProvider()
     elif backend == "container":
-        from connguard.leak_detector.provision.container import ContainerProvider
-
-        provider = ContainerProvider(image=image, network="host", allow_pull=False)
+        provider = _container(image)
     url = provider.start().url if provider is not None else server_url
     try:
         create_database(url, "bench_baseline")
@@ -353,7 +358,8 @@ def main() -> int:
     parser.add_argument(
         "--image",
         default=os.environ.get("CONNGUARD_TEST_IMAGE", "postgres:16-alpine"),
-        help="for --backend container: a PostgreSQL image present on the engine (host network)",
+        help="for --backend container and url-container: a PostgreSQL image present on the "
+        "engine (host network)",
     )
     parser.add_argument("--false-positives", type=int, metavar="N", default=0)
     options = parser.parse_args()
