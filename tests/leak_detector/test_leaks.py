@@ -249,6 +249,55 @@ def test_clean_suite_passes(server_url, proxied_url, clean_project, backend, ext
         assert report["server_proof"] == PROOFS[backend]
 
 
+# A function-scoped fixture holds its connection through the test; when it comes back to its
+# pool during the teardown, the server is asked then, and the rest of the teardown (here a
+# pause) overlaps the round trip. The observer's last query, as the server timed it, says when.
+TEST_ASKED_AT_CHECKIN = """
+import os
+import time
+
+import psycopg
+import pytest_asyncio
+from sqlalchemy import text
+
+MARKS = {}
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def held(engine):
+    async with engine.connect() as conn:
+        await conn.execute(text("select 1"))
+        yield conn
+        MARKS["releasing"] = time.time()
+    time.sleep(0.5)
+    MARKS["torn_down"] = time.time()
+
+
+async def test_holds_a_fixture_connection(held):
+    await held.execute(text("select 2"))
+
+
+def test_when_the_server_was_asked():
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+        (asked,) = conn.execute(
+            "select extract(epoch from query_start)::float8 from pg_stat_activity"
+            " where application_name like 'connguard-%-admin'"
+        ).fetchone()
+    assert MARKS["releasing"] <= asked < MARKS["torn_down"], (MARKS, asked)
+"""
+
+
+def test_a_fixture_connection_returned_in_teardown_is_asked_about_then(proxied_url, tmp_path):
+    project = write_project(
+        tmp_path, INI_AUTO_SESSION, conftest=CONFTEST, test_checkin=TEST_ASKED_AT_CHECKIN
+    )
+    result = run(project, proxied_url, "--leak-check-report=report.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+    report = load_report(project / "report.json")
+    assert report["server_proof"] is None and report["results"] == []
+
+
 def test_function_loop_strict_mode(server_url, tmp_path):
     project = write_project(tmp_path, INI_STRICT_FUNCTION, test_fl=TEST_FUNCTION_LOOP)
     result = run(project, server_url, "--leak-check-report=report.json")

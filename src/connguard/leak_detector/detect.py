@@ -7,8 +7,9 @@ Registered by plugin.py only with --leak-check. Per test:
 2. end of the call phase: a connection still held by a task the test started and that is still
    running is a leak, even if a later teardown cancels that task. The server snapshot is sent
    now and collected at step 3, so its round trip overlaps pytest's own teardown work; but
-   while the test or one of its fixtures still holds a connection, it is asked for at step 3
-   instead, after the fixtures let go. It is skipped when the server's connection log (local
+   while the test or one of its fixtures still holds a connection, it is sent when the last
+   of them comes back to its SQLAlchemy pool during the teardown, or else asked for at step 3,
+   after the fixtures let go. It is skipped when the server's connection log (local
    backend, container backend on a Linux engine of this machine) or, for a url server on this
    machine, the postmaster's children in the process table prove that no backend came or went
    (see _server_unchanged, and observer.ConnectionLog and observer.PostmasterChildren).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from dataclasses import asdict
 from typing import Any
 
@@ -103,6 +105,7 @@ class LeakDetector:
         self._marked_ids: set[str] = set()  # tests with @pytest.mark.leak_check, from collection
         self._unchanged_at_call = False
         self._pools_at_begin = 0
+        self._thread = threading.get_ident()  # where pytest runs the tests
         self.ledger: Ledger | None = None
         self.observer: Observer | None = None
         if database is None:  # the xdist controller runs no tests: it only summarizes
@@ -187,6 +190,7 @@ class LeakDetector:
         self._item_outcomes = []
         self._task_held = []
         self._unchanged_at_call = False
+        self.ledger.on_checkin = None
         self._pools_at_begin = len(self.ledger.pools)
         for info in self.ledger.pools:
             info.peak = info.checked_out
@@ -239,14 +243,33 @@ class LeakDetector:
         if self.ledger.open and self.ledger.open_records(self._function_scoped):
             # The test or one of its fixtures still holds a connection: a snapshot now would
             # show it in use (a fixture's transaction, say), and another would be needed once
-            # the fixtures are torn down. _evaluate decides then, from the proof or from one
-            # fresh snapshot.
+            # the fixtures are torn down. It is sent when the last of them comes back to its
+            # SQLAlchemy pool, if that happens here, as the teardown goes on
+            # (_ask_after_checkin); otherwise _evaluate decides after the teardown, from the
+            # proof or from one fresh snapshot.
+            self.ledger.on_checkin = self._ask_after_checkin
             return
         # The snapshot travels while pytest reports the call and tears the fixtures down;
         # _evaluate collects it. With a proof that no backend came or went (observer.proof)
         # it is often unnecessary instead.
         self._unchanged_at_call = self._server_unchanged()
         if not self._unchanged_at_call:
+            self.observer.send()
+
+    def _ask_after_checkin(self) -> None:
+        """A connection came back to its pool during the teardown: ask now if it was the last.
+
+        The pool's reset has run, so the server shows that backend idle. What the teardown
+        does after this moment is seen as it is after the call phase of a test that held
+        nothing then: the ledger sees what it opens, the next test's snapshot the rest.
+        """
+        if threading.get_ident() != self._thread:
+            return  # the observer's connection belongs to pytest's thread
+        ledger = self.ledger
+        if ledger.open and ledger.open_records(self._function_scoped):
+            return
+        ledger.on_checkin = None
+        if not self._server_unchanged():
             self.observer.send()
 
     def _function_scoped(self, owner: Owner | None) -> bool:
@@ -287,6 +310,7 @@ class LeakDetector:
             return
         self._checked = True
         ledger = self.ledger
+        ledger.on_checkin = None
         collected: dict[int, Backend] | None = None
         if (
             not ledger.open
@@ -392,9 +416,10 @@ class LeakDetector:
         snapshot: dict[int, Backend] | None = None
         unexplained: list[Backend] = []
         if test_level:
-            # Taken at the end of the call phase (see pytest_runtest_call): a backend that a
-            # function-scoped fixture closed since is still listed, and the ledger explains it;
-            # anything else the ledger cannot explain, or any leak, gets a fresh look.
+            # Sent at the end of the call phase (see pytest_runtest_call), or when the last
+            # connection held then came back to its pool: a backend that a function-scoped
+            # fixture closed since is still listed, and the ledger explains it; anything else
+            # the ledger cannot explain, or any leak, gets a fresh look.
             observer = self.observer
             # Without function-scoped fixtures nothing ran since the end of the call phase but
             # pytest's reporting: the answer given then stands, as a snapshot sent then would.
@@ -403,8 +428,8 @@ class LeakDetector:
                 # Proven unchanged since the last snapshot (and so nothing is held: no leak).
                 snapshot = observer.last
             else:
-                # A snapshot asked for at the end of the call phase predates the fixtures'
-                # teardown; one asked for now does not, and needs no second look.
+                # A snapshot sent before the fixtures' teardown ended predates some of it; one
+                # asked for now does not, and needs no second look.
                 fresh = collected is None and not observer.pending
                 snapshot = collected if collected is not None else observer.collect()
                 leaked_pids = {r.pid for r in leaked if r.pid is not None}

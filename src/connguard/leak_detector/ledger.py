@@ -361,6 +361,9 @@ class Ledger:
         self._undo: list[Callable[[], None]] = []
         self._installed: set[str] = set()
         self._lock = threading.Lock()
+        # Called after a SQLAlchemy check-in of a recorded connection, once the pool's reset
+        # has run (the detector sets it while it waits for connections to come back).
+        self.on_checkin: Callable[[], None] | None = None
 
     # -- owner
 
@@ -544,6 +547,8 @@ class Ledger:
         physical = self.physical.get(pid) if pid is not None else None
         if physical is not None:  # the pool's reset has run by now
             physical.in_transaction = _in_transaction(dbapi_connection)
+        if record is not None and self.on_checkin is not None:
+            self.on_checkin()
 
     def _sa_detach(self, dbapi_connection: Any, rec: Any) -> None:
         record = self.open.pop(id(rec), None)
