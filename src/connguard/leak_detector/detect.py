@@ -7,12 +7,13 @@ Registered by plugin.py only with --leak-check. Per test:
 2. end of the call phase: a connection still held by a task the test started and that is still
    running is a leak, even if a later teardown cancels that task. The server snapshot is sent
    now and collected at step 3, so its round trip overlaps pytest's own teardown work; but
-   while the test or one of its fixtures still holds a connection, it is sent when the last
-   of them comes back to its SQLAlchemy pool during the teardown, or else asked for at step 3,
-   after the fixtures let go. It is skipped when the server's connection log (local
-   backend, container backend on a Linux engine of this machine) or, for a url server on this
-   machine, the postmaster's children in the process table prove that no backend came or went
-   (see _server_unchanged, and observer.ConnectionLog and observer.PostmasterChildren).
+   while the test or one of its fixtures still holds a connection, it is asked for at step 3,
+   after the fixtures let go. It is skipped when the server's connection log (local backend,
+   container backend on a Linux engine of this machine) or, for a url server on this machine,
+   the postmaster's children in the process table prove that no backend came or went (see
+   _server_unchanged, and observer.ConnectionLog and observer.PostmasterChildren). Without
+   such a proof, a snapshot held back is sent as soon as the last of those connections comes
+   back to its SQLAlchemy pool during the teardown.
 3. after the test's function-scoped fixtures are finalized, and before any wider-scoped fixture
    is: the test's open records, plus checkouts whose proxy the garbage collector reclaimed, plus
    backends that appeared on the server that the ledger cannot explain, are its leaks.
@@ -243,11 +244,12 @@ class LeakDetector:
         if self.ledger.open and self.ledger.open_records(self._function_scoped):
             # The test or one of its fixtures still holds a connection: a snapshot now would
             # show it in use (a fixture's transaction, say), and another would be needed once
-            # the fixtures are torn down. It is sent when the last of them comes back to its
-            # SQLAlchemy pool, if that happens here, as the teardown goes on
-            # (_ask_after_checkin); otherwise _evaluate decides after the teardown, from the
-            # proof or from one fresh snapshot.
-            self.ledger.on_checkin = self._ask_after_checkin
+            # the fixtures are torn down. _evaluate decides then, from the proof or from one
+            # fresh snapshot. Without a proof, that snapshot is sent as soon as the last of
+            # them comes back to its SQLAlchemy pool, if that happens in this thread
+            # (_ask_after_checkin), so that the rest of the teardown overlaps its round trip.
+            if self.observer.proof is None:
+                self.ledger.on_checkin = self._ask_after_checkin
             return
         # The snapshot travels while pytest reports the call and tears the fixtures down;
         # _evaluate collects it. With a proof that no backend came or went (observer.proof)
@@ -269,8 +271,7 @@ class LeakDetector:
         if ledger.open and ledger.open_records(self._function_scoped):
             return
         ledger.on_checkin = None
-        if not self._server_unchanged():
-            self.observer.send()
+        self.observer.send()
 
     def _function_scoped(self, owner: Owner | None) -> bool:
         """Whether `owner` is the current test or one of its function-scoped fixtures."""
