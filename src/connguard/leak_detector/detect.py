@@ -12,8 +12,8 @@ Registered by plugin.py only with --leak-check. Per test:
    container backend on a Linux engine of this machine) or, for a url server on this machine,
    the postmaster's children in the process table prove that no backend came or went (see
    _server_unchanged, and observer.ConnectionLog and observer.PostmasterChildren). Without
-   such a proof, a snapshot held back is sent as soon as the last of those connections comes
-   back to its SQLAlchemy pool during the teardown.
+   such a proof, a snapshot held back is sent as soon as the last of those connections is back
+   in its pool (SQLAlchemy, asyncpg, psycopg_pool) during the teardown.
 3. after the test's function-scoped fixtures are finalized, and before any wider-scoped fixture
    is: the test's open records, plus checkouts whose proxy the garbage collector reclaimed, plus
    backends that appeared on the server that the ledger cannot explain, are its leaks.
@@ -52,6 +52,18 @@ from .report import (
 
 ALLOW_MARKER = "allow_connection_leak"
 _PROPERTY = "connguard_leak_check"
+
+
+def _unseen_leak(backend: Backend, owner: str) -> Leak:
+    leak = Leak(
+        kind="database connection (not seen by the client ledger)",
+        owner=owner,
+        note="a backend of this run's database appeared during the test and "
+        "no wrapped driver call opened it (an unwrapped driver, a "
+        "subprocess, or a connect function bound before --leak-check)",
+    )
+    fill_backend(leak, backend)
+    return leak
 
 
 def _check_markers(item: pytest.Item) -> None:
@@ -101,6 +113,9 @@ class LeakDetector:
         self._task_held: list[Record] = []
         self._wide: dict[Any, Owner] = {}
         self._before: dict[int, Backend] = {}
+        # Backends set aside while wrapped connects were under way (see _defer), by pid:
+        # the owner they would be blamed on, and the backend as first seen.
+        self._deferred: dict[int, tuple[str, Backend]] = {}
         self._usage_errors: dict[str, str] = {}
         self._marked = False
         self._marked_ids: set[str] = set()  # tests with @pytest.mark.leak_check, from collection
@@ -191,7 +206,7 @@ class LeakDetector:
         self._item_outcomes = []
         self._task_held = []
         self._unchanged_at_call = False
-        self.ledger.on_checkin = None
+        self.ledger.on_returned = None
         self._pools_at_begin = len(self.ledger.pools)
         for info in self.ledger.pools:
             info.peak = info.checked_out
@@ -246,10 +261,10 @@ class LeakDetector:
             # show it in use (a fixture's transaction, say), and another would be needed once
             # the fixtures are torn down. _evaluate decides then, from the proof or from one
             # fresh snapshot. Without a proof, that snapshot is sent as soon as the last of
-            # them comes back to its SQLAlchemy pool, if that happens in this thread
-            # (_ask_after_checkin), so that the rest of the teardown overlaps its round trip.
+            # them is back in its pool, if that happens in this thread (_ask_when_returned),
+            # so that the rest of the teardown overlaps its round trip.
             if self.observer.proof is None:
-                self.ledger.on_checkin = self._ask_after_checkin
+                self.ledger.on_returned = self._ask_when_returned
             return
         # The snapshot travels while pytest reports the call and tears the fixtures down;
         # _evaluate collects it. With a proof that no backend came or went (observer.proof)
@@ -258,7 +273,7 @@ class LeakDetector:
         if not self._unchanged_at_call:
             self.observer.send()
 
-    def _ask_after_checkin(self) -> None:
+    def _ask_when_returned(self) -> None:
         """A connection came back to its pool during the teardown: ask now if it was the last.
 
         The pool's reset has run, so the server shows that backend idle. What the teardown
@@ -270,7 +285,7 @@ class LeakDetector:
         ledger = self.ledger
         if ledger.open and ledger.open_records(self._function_scoped):
             return
-        ledger.on_checkin = None
+        ledger.on_returned = None
         self.observer.send()
 
     def _function_scoped(self, owner: Owner | None) -> bool:
@@ -311,13 +326,14 @@ class LeakDetector:
             return
         self._checked = True
         ledger = self.ledger
-        ledger.on_checkin = None
+        ledger.on_returned = None
         collected: dict[int, Backend] | None = None
         if (
             not ledger.open
             and not ledger.reclaimed
             and not self._task_held
             and len(ledger.pools) == self._pools_at_begin
+            and not self._deferred
             and not self._threshold_warnings(item)
         ):
             # The common clean test: nothing is held now and no pool was made. What is left
@@ -418,7 +434,7 @@ class LeakDetector:
         unexplained: list[Backend] = []
         if test_level:
             # Sent at the end of the call phase (see pytest_runtest_call), or when the last
-            # connection held then came back to its pool: a backend that a function-scoped
+            # connection held then was back in its pool: a backend that a function-scoped
             # fixture closed since is still listed, and the ledger explains it; anything else
             # the ledger cannot explain, or any leak, gets a fresh look.
             observer = self.observer
@@ -437,8 +453,12 @@ class LeakDetector:
                 new = set(snapshot) - set(self._before) - leaked_pids
                 if new:
                     snapshot, unexplained = self._explain(new, snapshot)
+                    if unexplained and ledger.connecting:
+                        unexplained = self._defer(unexplained, label)
                 if not fresh and (leaked or self._newly_idle_in_transaction(snapshot)):
                     snapshot = observer.snapshot()
+            if self._deferred:
+                self._settle_deferred(snapshot, nodeid)
         elif leaked:
             snapshot = self.observer.snapshot()
 
@@ -465,19 +485,43 @@ class LeakDetector:
                 outcome.allowed = marker.kwargs.get("reason") or (marker.args or ("",))[0]
                 break
         outcome.leaks = [self._leak(r, snapshot or {}) for r in leaked]
-        for backend in unexplained:
-            leak = Leak(
-                kind="database connection (not seen by the client ledger)",
-                owner=label,
-                note="a backend of this run's database appeared during the test and "
-                "no wrapped driver call opened it (an unwrapped driver, a "
-                "subprocess, or a connect function bound before --leak-check)",
-            )
-            fill_backend(leak, backend)
-            outcome.leaks.append(leak)
+        outcome.leaks += [_unseen_leak(backend, label) for backend in unexplained]
         outcome.warnings = warnings_
         ledger.forget(leaked)
         return outcome
+
+    def _defer(self, unexplained: list[Backend], label: str) -> list[Backend]:
+        """Set aside, of these unexplained backends, as many as wrapped connects are under way.
+
+        Between tests the event loop does not run, so a connect it started (a pool filling
+        itself in the background) cannot finish, though the server already lists its backend:
+        one that has not run a query yet. Such a backend is settled at a later test, once the
+        connects have finished (_settle_deferred). The rest are unexplained now.
+        """
+        room = self.ledger.connecting
+        kept = []
+        for backend in unexplained:
+            if room and not backend.query:
+                self._deferred[backend.pid] = (label, backend)
+                room -= 1
+            else:
+                kept.append(backend)
+        return kept
+
+    def _settle_deferred(self, snapshot: dict[int, Backend], current: str) -> None:
+        """Backends set aside by _defer: now explained, gone, or leaks of their owners."""
+        ledger = self.ledger
+        late: dict[str, list[Backend]] = {}
+        for pid, (label, _) in list(self._deferred.items()):
+            if pid not in snapshot or ledger.explains(pid) is not None:
+                del self._deferred[pid]
+            elif not ledger.connecting:
+                del self._deferred[pid]
+                late.setdefault(label, []).append(snapshot[pid])
+        for label, backends in late.items():
+            outcome = Outcome(owner=label, nodeid=current, surfaced_later=True)
+            outcome.leaks = [_unseen_leak(backend, label) for backend in backends]
+            self._item_outcomes.append(outcome)
 
     def _server_unchanged(self) -> bool:
         """Whether the server can show nothing the last snapshot did not; no round trip.

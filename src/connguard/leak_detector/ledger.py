@@ -361,9 +361,14 @@ class Ledger:
         self._undo: list[Callable[[], None]] = []
         self._installed: set[str] = set()
         self._lock = threading.Lock()
-        # Called after a SQLAlchemy check-in of a recorded connection, once the pool's reset
-        # has run (the detector sets it while it waits for connections to come back).
-        self.on_checkin: Callable[[], None] | None = None
+        # Called when a recorded connection is back in its pool (SQLAlchemy, asyncpg,
+        # psycopg_pool), after the pool's reset has run; the detector sets it while it waits
+        # for connections to come back.
+        self.on_returned: Callable[[], None] | None = None
+        # Wrapped async connects under way. Between tests the event loop does not run, so
+        # one whose backend the server already lists cannot finish, and that backend stays
+        # unexplained until the loop runs again (a pool filling itself in the background).
+        self.connecting = 0
 
     # -- owner
 
@@ -547,8 +552,8 @@ class Ledger:
         physical = self.physical.get(pid) if pid is not None else None
         if physical is not None:  # the pool's reset has run by now
             physical.in_transaction = _in_transaction(dbapi_connection)
-        if record is not None and self.on_checkin is not None:
-            self.on_checkin()
+        if record is not None:
+            self._returned()
 
     def _sa_detach(self, dbapi_connection: Any, rec: Any) -> None:
         record = self.open.pop(id(rec), None)
@@ -604,13 +609,23 @@ class Ledger:
         if pid is not None and pid not in self.physical:
             self.physical[pid] = Physical(pid)
 
-    def _released(self, connection: Any) -> None:
+    def _released(self, connection: Any) -> bool:
+        """A raw pool is given a recorded connection back (its reset is still to come)."""
         record = self.open.pop(id(connection), None)
-        if record is not None:
-            record.state = CLOSED
-            record.ref = None
-            if record.pool is not None:
-                record.pool.checked_out -= 1
+        if record is None:
+            return False
+        record.state = CLOSED
+        record.ref = None
+        if record.pool is not None:
+            record.pool.checked_out -= 1
+        return True
+
+    def _returned(self) -> None:
+        # A recorded connection is back in its pool, the pool's reset done; except in a
+        # psycopg_pool with a reset callback, whose worker task resets it later: a snapshot
+        # sent now may show it in a transaction still, and then gets a second look.
+        if self.on_returned is not None:
+            self.on_returned()
 
     def _install_asyncpg(self) -> None:
         if not self._importable("asyncpg"):
@@ -627,7 +642,11 @@ class Ledger:
         async def connect(*args: Any, **kwargs: Any) -> Any:
             internal = _caller_module(1).startswith(_POOL_INTERNAL)
             frames = None if internal else capture_frames()
-            connection = await original_connect(*args, **kwargs)
+            ledger.connecting += 1
+            try:
+                connection = await original_connect(*args, **kwargs)
+            finally:
+                ledger.connecting -= 1
             if frames is not None:
                 ledger._raw("asyncpg connection", connection, _asyncpg_open, frames)
             else:
@@ -674,8 +693,11 @@ class Ledger:
             return proxy
 
         async def release(pool_self: Any, connection: Any, *, timeout: Any = None) -> Any:
-            ledger._released(connection)
-            return await original_release(pool_self, connection, timeout=timeout)
+            recorded = ledger._released(connection)
+            result = await original_release(pool_self, connection, timeout=timeout)
+            if recorded:
+                ledger._returned()
+            return result
 
         self._patch(pool_cls, "_acquire", _acquire)
         self._patch(pool_cls, "release", release)
@@ -708,7 +730,11 @@ class Ledger:
         async def aconnect(cls: Any, *args: Any, **kwargs: Any) -> Any:
             internal = _caller_module(1).startswith(_POOL_INTERNAL)
             frames = None if internal else capture_frames()
-            connection = await async_connect(cls, *args, **kwargs)
+            ledger.connecting += 1
+            try:
+                connection = await async_connect(cls, *args, **kwargs)
+            finally:
+                ledger.connecting -= 1
             if frames is not None:
                 ledger._raw("psycopg async connection", connection, _psycopg_open, frames)
             else:
@@ -767,8 +793,10 @@ class Ledger:
                 async def putconn(
                     pool_self: Any, connection: Any, *, _orig: Any = original_put
                 ) -> None:
-                    ledger._released(connection)
+                    recorded = ledger._released(connection)
                     await _orig(pool_self, connection)
+                    if recorded:
+                        ledger._returned()
             else:
 
                 def getconn(
@@ -786,8 +814,10 @@ class Ledger:
                     return connection
 
                 def putconn(pool_self: Any, connection: Any, *, _orig: Any = original_put) -> None:
-                    ledger._released(connection)
+                    recorded = ledger._released(connection)
                     _orig(pool_self, connection)
+                    if recorded:
+                        ledger._returned()
 
             self._patch(cls, "getconn", getconn)
             self._patch(cls, "putconn", putconn)
