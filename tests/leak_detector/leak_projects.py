@@ -87,6 +87,15 @@ async def session_conn():
     conn = await asyncpg.connect(URL)
     yield conn
     await conn.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def background_pool():
+    from psycopg_pool import AsyncConnectionPool
+
+    # Opened without waiting: the pool connects in the background while the tests run.
+    async with AsyncConnectionPool(URL, min_size=4) as pool:
+        yield pool
 """
     + ROLLED_BACK
 )
@@ -344,6 +353,11 @@ def test_subprocess_connection_closed():
 
     code = "import os, psycopg; psycopg.connect(os.environ['DATABASE_URL']).close()"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_pool_filling_itself_in_the_background(background_pool):
+    async with background_pool.connection() as conn:
+        await conn.execute("select 1")
 
 
 def test_sync_psycopg_pool():
