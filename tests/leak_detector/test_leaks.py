@@ -386,6 +386,7 @@ ENDINGS = {
     except asyncio.CancelledError:
         pass
     time.sleep(0.05)""",
+    "leaves_it": "pass",
 }
 
 
@@ -413,6 +414,16 @@ def test_a_backend_set_aside_while_connects_were_under_way_is_settled_later(serv
     (leak,) = late["leaks"]
     assert leak["kind"] == "database connection (not seen by the client ledger)"
     assert leak["state"] == "idle" and leak["pid"]
+
+
+def test_a_backend_still_set_aside_when_the_run_ends_is_reported(server_url, tmp_path):
+    result, report = _connect_under_way(server_url, tmp_path, "leaves_it")
+    assert result.returncode == 0, result.stdout + result.stderr
+    late = results_by_owner(report)["test_starts_a_connect"]
+    assert late["surfaced_later"] and not late["fails"]
+    (leak,) = late["leaks"]
+    assert leak["kind"] == "database connection (not seen by the client ledger)"
+    assert "LATE test_connect.py::test_starts_a_connect: 1 leaked" in result.stdout
 
 
 def test_function_loop_strict_mode(server_url, tmp_path):

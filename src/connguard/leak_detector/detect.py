@@ -113,9 +113,9 @@ class LeakDetector:
         self._task_held: list[Record] = []
         self._wide: dict[Any, Owner] = {}
         self._before: dict[int, Backend] = {}
-        # Backends set aside while wrapped connects were under way (see _defer), by pid:
-        # the owner they would be blamed on, and the backend as first seen.
-        self._deferred: dict[int, tuple[str, Backend]] = {}
+        # Backends set aside while wrapped connects were under way (see _defer): pid -> the
+        # owner they would be blamed on.
+        self._deferred: dict[int, str] = {}
         self._usage_errors: dict[str, str] = {}
         self._marked = False
         self._marked_ids: set[str] = set()  # tests with @pytest.mark.leak_check, from collection
@@ -458,7 +458,7 @@ class LeakDetector:
                 if not fresh and (leaked or self._newly_idle_in_transaction(snapshot)):
                     snapshot = observer.snapshot()
             if self._deferred:
-                self._settle_deferred(snapshot, nodeid)
+                self._item_outcomes += self._settle_deferred(snapshot, nodeid)
         elif leaked:
             snapshot = self.observer.snapshot()
 
@@ -502,26 +502,33 @@ class LeakDetector:
         kept = []
         for backend in unexplained:
             if room and not backend.query:
-                self._deferred[backend.pid] = (label, backend)
+                self._deferred[backend.pid] = label
                 room -= 1
             else:
                 kept.append(backend)
         return kept
 
-    def _settle_deferred(self, snapshot: dict[int, Backend], current: str) -> None:
-        """Backends set aside by _defer: now explained, gone, or leaks of their owners."""
+    def _settle_deferred(
+        self, snapshot: dict[int, Backend], current: str | None, final: bool = False
+    ) -> list[Outcome]:
+        """Backends set aside by _defer: now explained, gone, or leaks of their owners.
+
+        `final`: the run is over, and a connect still counted as under way never will be.
+        """
         ledger = self.ledger
         late: dict[str, list[Backend]] = {}
-        for pid, (label, _) in list(self._deferred.items()):
+        for pid, label in list(self._deferred.items()):
             if pid not in snapshot or ledger.explains(pid) is not None:
                 del self._deferred[pid]
-            elif not ledger.connecting:
+            elif final or not ledger.connecting:
                 del self._deferred[pid]
                 late.setdefault(label, []).append(snapshot[pid])
+        outcomes = []
         for label, backends in late.items():
-            outcome = Outcome(owner=label, nodeid=current, surfaced_later=True)
+            outcome = Outcome(owner=label, nodeid=current or label, surfaced_later=True)
             outcome.leaks = [_unseen_leak(backend, label) for backend in backends]
-            self._item_outcomes.append(outcome)
+            outcomes.append(outcome)
+        return outcomes
 
     def _server_unchanged(self) -> bool:
         """Whether the server can show nothing the last snapshot did not; no round trip.
@@ -716,6 +723,11 @@ class LeakDetector:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self._deferred and self.observer is not None:
+            # Set aside at the last tests while connects were under way; none will finish now.
+            # (Under xdist a worker's outcomes travel on its test reports, over by now.)
+            late = self._settle_deferred(self.observer.snapshot(), None, final=True)
+            self.outcomes += [self._as_dict(outcome) for outcome in late]
         path = settings.resolve(self.config, "leak_check_report")
         if not path or hasattr(self.config, "workerinput"):
             return
