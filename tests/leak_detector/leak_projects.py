@@ -96,6 +96,15 @@ async def background_pool():
     # Opened without waiting: the pool connects in the background while the tests run.
     async with AsyncConnectionPool(URL, min_size=4) as pool:
         yield pool
+
+
+@pytest.fixture(scope="session")
+def background_sync_pool():
+    from psycopg_pool import ConnectionPool
+
+    # The same with worker threads, which connect while the detector checks a test.
+    with ConnectionPool(URL, min_size=4, num_workers=4) as pool:
+        yield pool
 """
     + ROLLED_BACK
 )
@@ -358,6 +367,11 @@ def test_subprocess_connection_closed():
 async def test_pool_filling_itself_in_the_background(background_pool):
     async with background_pool.connection() as conn:
         await conn.execute("select 1")
+
+
+def test_sync_pool_filling_itself_in_the_background(background_sync_pool):
+    with background_sync_pool.connection() as conn:
+        conn.execute("select 1")
 
 
 def test_sync_psycopg_pool():

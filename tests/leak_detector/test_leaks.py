@@ -241,7 +241,7 @@ def test_clean_suite_passes(server_url, proxied_url, clean_project, backend, ext
     url = _server_of(backend, server_url, proxied_url)
     result = run(clean_project, url, f"--leak-check-report={report_path}", *extra)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "15 passed" in result.stdout
+    assert "16 passed" in result.stdout
     assert "connguard: " in result.stdout  # the header: the check really ran
     report = load_report(report_path)
     assert report["results"] == []

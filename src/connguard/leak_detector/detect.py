@@ -452,9 +452,7 @@ class LeakDetector:
                 leaked_pids = {r.pid for r in leaked if r.pid is not None}
                 new = set(snapshot) - set(self._before) - leaked_pids
                 if new:
-                    snapshot, unexplained = self._explain(new, snapshot)
-                    if unexplained and ledger.connecting:
-                        unexplained = self._defer(unexplained, label)
+                    snapshot, unexplained = self._explain(new, snapshot, label)
                 if not fresh and (leaked or self._newly_idle_in_transaction(snapshot)):
                     snapshot = observer.snapshot()
             if self._deferred:
@@ -490,23 +488,23 @@ class LeakDetector:
         ledger.forget(leaked)
         return outcome
 
-    def _defer(self, unexplained: list[Backend], label: str) -> list[Backend]:
-        """Set aside, of these unexplained backends, as many as wrapped connects are under way.
+    def _defer(self, unknown: set[int], snapshot: dict[int, Backend], label: str) -> set[int]:
+        """Set aside, of these unknown backends, as many as wrapped connects are under way.
 
         Between tests the event loop does not run, so a connect it started (a pool filling
         itself in the background) cannot finish, though the server already lists its backend:
         one that has not run a query yet. Such a backend is settled at a later test, once the
-        connects have finished (_settle_deferred). The rest are unexplained now.
+        connects have finished (_settle_deferred). Returns the rest.
         """
         room = self.ledger.connecting
-        kept = []
-        for backend in unexplained:
-            if room and not backend.query:
-                self._deferred[backend.pid] = label
+        rest = set()
+        for pid in sorted(unknown):
+            if room and not snapshot[pid].query:
+                self._deferred[pid] = label
                 room -= 1
             else:
-                kept.append(backend)
-        return kept
+                rest.add(pid)
+        return rest
 
     def _settle_deferred(
         self, snapshot: dict[int, Backend], current: str | None, final: bool = False
@@ -558,19 +556,29 @@ class LeakDetector:
             return ledger.idle_in_pools(last)
         return True
 
-    def _explain(self, new: set[int], snapshot: dict[int, Backend]):
+    def _explain(self, new: set[int], snapshot: dict[int, Backend], label: str):
         """New backends the ledger cannot explain, after they had a moment to go away.
 
         A backend whose client closed it lingers for a few milliseconds; one the ledger knows
-        as closed is explained, an unknown one is polled for (bounded) before it counts.
+        as closed is explained, an unknown one is polled for (bounded) before it counts. While
+        polling, a connect under way in another thread (a sync pool filling itself) may return
+        and explain its backend; one under way in the event loop cannot, and is set aside
+        (_defer).
         """
         ledger = self.ledger
-        unknown = {pid for pid in new if ledger.explains(pid) is None}
+
+        def unknown_now(pid: int) -> bool:
+            return ledger.explains(pid) is None
+
+        unknown = set(filter(unknown_now, new))
         if unknown:
             ledger.scan_pools()
-            unknown = {pid for pid in unknown if ledger.explains(pid) is None}
+            unknown = set(filter(unknown_now, unknown))
+        if unknown and ledger.connecting:
+            unknown = self._defer(unknown, snapshot, label)
         if unknown:
-            snapshot = self.observer.wait_gone(unknown)
+            snapshot = self.observer.wait_gone(unknown, unknown_now)
+            unknown = set(filter(unknown_now, unknown))
         return snapshot, [snapshot[pid] for pid in sorted(unknown) if pid in snapshot]
 
     def _newly_idle_in_transaction(self, snapshot: dict[int, Backend]) -> list[Backend]:

@@ -862,7 +862,7 @@ class Ledger:
     def explains(self, pid: int) -> str | None:
         """Why a backend pid exists, as far as the client side knows: None if unknown."""
         physical = self.physical.get(pid)
-        for record in self.open.values():
+        for record in list(self.open.values()):  # (a thread may be adding one)
             if record.pid == pid:
                 return "held"
         if physical is None:

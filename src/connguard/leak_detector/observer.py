@@ -405,16 +405,23 @@ class Observer:
         self.last = {}
         self._pending = False
 
-    def wait_gone(self, pids: set[int], budget: float = 0.2) -> dict[int, Backend]:
-        """Poll until none of `pids` is listed or `budget` seconds pass.
+    def wait_gone(self, pids: set[int], unknown=None, budget: float = 0.2) -> dict[int, Backend]:
+        """Poll until none of `pids` is listed, or `unknown(pid)` is false for those that are,
+        or `budget` seconds pass.
 
-        A backend whose client just closed lingers for a few milliseconds while it exits;
-        polling only while such pids remain keeps a clean test at one query.
+        A backend whose client just closed lingers for a few milliseconds while it exits, and
+        one a thread is still connecting becomes known when that connect returns; polling only
+        while such pids remain keeps a clean test at one query.
         """
         deadline = time.monotonic() + budget
         current = self.snapshot()
         delay = 0.002
-        while pids & current.keys() and time.monotonic() < deadline and not self.broken:
+        while time.monotonic() < deadline and not self.broken:
+            listed = pids & current.keys()
+            if unknown is not None:
+                listed = {pid for pid in listed if unknown(pid)}
+            if not listed:
+                break
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
             current = self.snapshot()
