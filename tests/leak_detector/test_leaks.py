@@ -346,11 +346,11 @@ def _hold(listener, port, release):
     _pump(server, client)
 
 
-def _backends():
-    with psycopg.connect(URL, autocommit=True) as conn:
-        return conn.execute(
-            "select count(*) from pg_stat_activity where datname = current_database()"
-        ).fetchone()[0]
+def _others(watch):
+    return watch.execute(
+        "select count(*) from pg_stat_activity"
+        " where datname = current_database() and pid <> pg_backend_pid()"
+    ).fetchone()[0]
 
 
 async def test_starts_a_connect():
@@ -359,16 +359,17 @@ async def test_starts_a_connect():
     STATE["release"] = release = threading.Event()
     threading.Thread(target=_hold, args=(listener, port, release), daemon=True).start()
     held = URL.replace(f":{{port}}/", f":{{listener.getsockname()[1]}}/")
-    before = _backends()
-    # (no SSL or GSS negotiation: it would wait for a held reply before the startup)
-    connect = psycopg.AsyncConnection.connect(held, sslmode="disable", gssencmode="disable")
-    STATE["task"] = asyncio.ensure_future(connect)
-    for _ in range(500):  # until the server lists its backend (its reply is held)
-        await asyncio.sleep(0.002)
-        if _backends() > before:
-            break
-    else:
-        raise AssertionError("the server never listed the connect's backend")
+    with psycopg.connect(URL, autocommit=True) as watch:
+        before = _others(watch)
+        # (no SSL or GSS negotiation: it would wait for a held reply before the startup)
+        connect = psycopg.AsyncConnection.connect(held, sslmode="disable", gssencmode="disable")
+        STATE["task"] = asyncio.ensure_future(connect)
+        for _ in range(500):  # until the server lists its backend (its reply is held)
+            await asyncio.sleep(0.002)
+            if _others(watch) > before:
+                break
+        else:
+            raise AssertionError("the server never listed the connect's backend")
     assert not STATE["task"].done()
 
 
