@@ -603,6 +603,32 @@ class Ledger:
                 pool.peak = pool.checked_out
         return record
 
+    def _connected(
+        self, kind: str, connection: Any, probe: Callable[[Any], bool], frames: list[Frame] | None
+    ) -> None:
+        """A wrapped driver connect returned: the user's connection (`frames`: where it was
+        opened) gets a record; a pool's own (`frames` None) is only known as pooled."""
+        if frames is not None:
+            self._raw(kind, connection, probe, frames)
+        else:
+            self.note_pooled(connection)
+
+    async def _await_connect(
+        self,
+        pending: Any,
+        kind: str,
+        probe: Callable[[Any], bool],
+        frames: list[Frame] | None,
+    ) -> Any:
+        """Await a wrapped async connect, counted in `connecting` until it returns."""
+        self.connecting += 1
+        try:
+            connection = await pending
+        finally:
+            self.connecting -= 1
+        self._connected(kind, connection, probe, frames)
+        return connection
+
     def note_pooled(self, connection: Any) -> None:
         """A connection a pool opened for itself: its pid is explained while it lives."""
         pid = _backend_pid(connection)
@@ -642,16 +668,8 @@ class Ledger:
         async def connect(*args: Any, **kwargs: Any) -> Any:
             internal = _caller_module(1).startswith(_POOL_INTERNAL)
             frames = None if internal else capture_frames()
-            ledger.connecting += 1
-            try:
-                connection = await original_connect(*args, **kwargs)
-            finally:
-                ledger.connecting -= 1
-            if frames is not None:
-                ledger._raw("asyncpg connection", connection, _asyncpg_open, frames)
-            else:
-                ledger.note_pooled(connection)
-            return connection
+            pending = original_connect(*args, **kwargs)
+            return await ledger._await_connect(pending, "asyncpg connection", _asyncpg_open, frames)
 
         self._patch(asyncpg, "connect", connect)
         # asyncpg pools bind asyncpg.connection.connect when created; through the wrapper
@@ -715,10 +733,7 @@ class Ledger:
             internal = _caller_module(1).startswith(_POOL_INTERNAL)
             frames = None if internal else capture_frames()
             connection = sync_connect(cls, *args, **kwargs)
-            if frames is not None:
-                ledger._raw("psycopg connection", connection, _psycopg_open, frames)
-            else:
-                ledger.note_pooled(connection)
+            ledger._connected("psycopg connection", connection, _psycopg_open, frames)
             return connection
 
         self._patch(psycopg.Connection, "connect", classmethod(connect))
@@ -730,16 +745,9 @@ class Ledger:
         async def aconnect(cls: Any, *args: Any, **kwargs: Any) -> Any:
             internal = _caller_module(1).startswith(_POOL_INTERNAL)
             frames = None if internal else capture_frames()
-            ledger.connecting += 1
-            try:
-                connection = await async_connect(cls, *args, **kwargs)
-            finally:
-                ledger.connecting -= 1
-            if frames is not None:
-                ledger._raw("psycopg async connection", connection, _psycopg_open, frames)
-            else:
-                ledger.note_pooled(connection)
-            return connection
+            pending = async_connect(cls, *args, **kwargs)
+            kind = "psycopg async connection"
+            return await ledger._await_connect(pending, kind, _psycopg_open, frames)
 
         self._patch(psycopg.AsyncConnection, "connect", classmethod(aconnect))
 
