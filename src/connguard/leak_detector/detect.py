@@ -66,6 +66,18 @@ def _unseen_leak(backend: Backend, owner: str) -> Leak:
     return leak
 
 
+def _surfaced(leaks: list[Leak], current: str | None) -> list[Outcome]:
+    """Leaks of earlier owners found during test `current` (None: after the last test), one
+    outcome per owner: listed, and failing nothing."""
+    by_owner: dict[str, list[Leak]] = {}
+    for leak in leaks:
+        by_owner.setdefault(leak.owner, []).append(leak)
+    return [
+        Outcome(owner=owner, nodeid=current or owner, surfaced_later=True, leaks=found)
+        for owner, found in by_owner.items()
+    ]
+
+
 def _check_markers(item: pytest.Item) -> None:
     settings.check_marker(item)
     for marker in item.iter_markers(ALLOW_MARKER):
@@ -391,13 +403,7 @@ class LeakDetector:
         if not late:
             return
         snapshot = self.observer.last or {}
-        by_owner: dict[str, list[Record]] = {}
-        for record in late:
-            by_owner.setdefault(record.owner.label, []).append(record)
-        for label, records in by_owner.items():
-            outcome = Outcome(owner=label, nodeid=current, surfaced_later=True)
-            outcome.leaks = [self._leak(r, snapshot) for r in records]
-            self._item_outcomes.append(outcome)
+        self._item_outcomes += _surfaced([self._leak(r, snapshot) for r in late], current)
         ledger.forget(late)
 
     def _unreleased(self, belongs) -> list[Record]:
@@ -514,19 +520,14 @@ class LeakDetector:
         `final`: the run is over, and a connect still counted as under way never will be.
         """
         ledger = self.ledger
-        late: dict[str, list[Backend]] = {}
+        late: list[Leak] = []
         for pid, label in list(self._deferred.items()):
             if pid not in snapshot or ledger.explains(pid) is not None:
                 del self._deferred[pid]
             elif final or not ledger.connecting:
                 del self._deferred[pid]
-                late.setdefault(label, []).append(snapshot[pid])
-        outcomes = []
-        for label, backends in late.items():
-            outcome = Outcome(owner=label, nodeid=current or label, surfaced_later=True)
-            outcome.leaks = [_unseen_leak(backend, label) for backend in backends]
-            outcomes.append(outcome)
-        return outcomes
+                late.append(_unseen_leak(snapshot[pid], label))
+        return _surfaced(late, current)
 
     def _server_unchanged(self) -> bool:
         """Whether the server can show nothing the last snapshot did not; no round trip.
