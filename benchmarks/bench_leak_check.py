@@ -13,9 +13,12 @@ on the same kind of server:
   the postmaster's children in the process table let the detector skip the query as the
   connection log does. Its baseline runs on that same cluster.
 - url-container (only when asked, with --image): --leak-check-db=url on a container started
-  once here (host networking, its own PID namespace), as a CI service container is: the
-  detector cannot see its processes and asks the server after every test. Its baseline runs
-  on that same container.
+  once here (host networking, its own PID namespace), as a CI service container is. This
+  machine's process table shows its processes under other pids, and proves as for url. Its
+  baseline runs on that same container.
+- asked (only when asked, with --image): url-container with --leak-check-server-proof=off, what
+  a server connguard cannot see costs (on another host, or a service container seen from a
+  job in a container of its own): the detector asks the server after every test.
 - container (only when asked, with --image): --leak-check-db=container on host networking,
   whose server keeps the same connection log on a Linux engine of this machine. Its baseline
   runs on a container started just before it.
@@ -26,12 +29,13 @@ the tests' span (first test start to last test end) and the whole pytest process
 exit, as a user times it).
 
     .venv/bin/python benchmarks/bench_leak_check.py [--tests 500] [--rounds 5]
-        [--work light typical] [--backend local url container url-container] [--image IMAGE]
+        [--work light typical] [--backend local url container url-container asked]
+        [--image IMAGE]
 
 With --false-positives N it instead runs the clean suite of the leak-detector tests
 (tests/leak_detector/leak_projects.py: pooled idle connections, session-scoped engines and
 pools, close in finally, finished background tasks, ...) N times serially and N times with
-`-n 2`, on each backend given (container and url-container too, with --image), and prints how
+`-n 2`, on each backend given (the container ones too, with --image), and prints how
 many runs reported anything (goal: 0).
 """
 
@@ -51,7 +55,7 @@ from typing import Any
 
 # The generated projects of the leak-detector tests: their clean suite, and fixtures.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "leak_detector"))
-from leak_projects import ROLLED_BACK  # noqa: E402
+from leak_projects import ASK_EVERY_TEST, ROLLED_BACK  # noqa: E402
 
 CONFTEST = """
 import gc, json, os, time
@@ -194,10 +198,15 @@ def _container(image: str) -> Any:
 
 def _url_servers(local_url: str, backends: list[str], image: str) -> tuple[dict[str, str], Any]:
     """The server each url backend uses, by backend, and the container started for one."""
-    if "url-container" not in backends:
+    if not {"url-container", "asked"} & set(backends):
         return {"url": local_url}, None
     remote = _container(image)
-    return {"url": local_url, "url-container": remote.start().url}, remote
+    remote_url = remote.start().url
+    return {"url": local_url, "url-container": remote_url, "asked": remote_url}, remote
+
+
+# The options a --leak-check run on each backend adds to the url ones.
+_EXTRA = {"asked": (ASK_EVERY_TEST,)}
 
 
 def false_positives(runs: int, backends: list[str], image: str) -> int:
@@ -224,7 +233,12 @@ def false_positives(runs: int, backends: list[str], image: str) -> int:
                 for number in range(runs):
                     report = Path(tmp) / f"report-{number}.json"
                     result = run(
-                        project, url, f"--leak-check-report={report}", *extra, backend=chosen
+                        project,
+                        url,
+                        f"--leak-check-report={report}",
+                        *_EXTRA.get(backend, ()),
+                        *extra,
+                        backend=chosen,
                     )
                     results = json.loads(report.read_text())["results"] if report.exists() else None
                     if result.returncode != 0 or results != []:
@@ -352,13 +366,13 @@ def main() -> int:
     parser.add_argument(
         "--backend",
         nargs="+",
-        choices=["local", "url", "container", "url-container"],
+        choices=["local", "url", "container", "url-container", "asked"],
         default=["local", "url"],
     )
     parser.add_argument(
         "--image",
         default=os.environ.get("CONNGUARD_TEST_IMAGE", "postgres:16-alpine"),
-        help="for --backend container and url-container: a PostgreSQL image present on the "
+        help="for --backend container, url-container and asked: a PostgreSQL image present on the "
         "engine (host network)",
     )
     parser.add_argument("--false-positives", type=int, metavar="N", default=0)
@@ -382,7 +396,12 @@ def main() -> int:
             "local": [*common, "--leak-check-db=local"],
             "container": [*common, *_container_args(options.image)],
             **{
-                backend: [*common, "--leak-check-db=url", f"--leak-check-db-url={url}"]
+                backend: [
+                    *common,
+                    "--leak-check-db=url",
+                    f"--leak-check-db-url={url}",
+                    *_EXTRA.get(backend, ()),
+                ]
                 for backend, url in urls.items()
             },
         }

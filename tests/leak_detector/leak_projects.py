@@ -30,6 +30,9 @@ leak_check_url_env = DATABASE_URL
 
 # SQLAlchemy's testing recipe as a fixture of a generated project (it needs an `engine`
 # fixture): a connection in a transaction for the whole test, rolled back at teardown.
+# For a run that must ask the server after every test, as for a server on another host.
+ASK_EVERY_TEST = "--leak-check-server-proof=off"
+
 ROLLED_BACK = """
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from leak_projects import CONFTEST, INI_AUTO_SESSION, load_report, run, write_project
+from leak_projects import (
+    ASK_EVERY_TEST,
+    CONFTEST,
+    INI_AUTO_SESSION,
+    load_report,
+    run,
+    write_project,
+)
 from provision_helpers import LoopbackProxy
 
 from connguard.leak_detector.observer import ConnectionLog, Observer, PostmasterChildren
@@ -103,15 +112,25 @@ def test_without_the_servers_process_table_a_silent_backend_ends_with_the_timeou
         log.close()
 
 
-@pytest.mark.parametrize("over", ["tcp", "unix socket"])
+@pytest.mark.parametrize("over", ["tcp", "unix socket", "proxy"])
 def test_postmaster_children_account_for_every_backend(local_server, over):
     url = local_server.url
     if over == "unix socket":  # the kernel names the listening postmaster
         url += f"?host={local_server.details['socket_dir']}"
-    with psycopg.connect(local_server.url, autocommit=True) as admin:
+    if over == "proxy":  # as a pooler or a published container port: the server tells its port
+        with LoopbackProxy(local_server.url) as proxy:
+            children_account_for_every_backend(local_server.url, proxy.url)
+    else:
+        children_account_for_every_backend(local_server.url, url)
+
+
+def children_account_for_every_backend(admin_url: str, observer_url: str) -> None:
+    """The process-table proof of the server at `admin_url`, observed through `observer_url`,
+    holds exactly while no backend of the watched database comes or goes."""
+    with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute("create database watched")
-    watched_url = local_server.url.rsplit("/", 1)[0] + "/watched"
-    observer = Observer(url, "watched")
+    watched_url = admin_url.rsplit("/", 1)[0] + "/watched"
+    observer = Observer(observer_url, "watched")
     try:
         proof = observer.proof
         assert proof is not None and proof.kind == "process table"
@@ -121,20 +140,21 @@ def test_postmaster_children_account_for_every_backend(local_server, over):
 
         # A client that connects and says nothing: its backend is forked at once, and is not
         # in pg_stat_activity until it authenticates. Nothing is proven until it is gone.
-        silent = socket.create_connection(("127.0.0.1", urlsplit(local_server.url).port))
+        silent = socket.create_connection(("127.0.0.1", urlsplit(admin_url).port))
         assert _until(lambda: not proof.unchanged())
         assert observer.snapshot() == {}
         assert not proof.unchanged()
         silent.close()
         assert _until(lambda: observer.snapshot() == {} and proof.unchanged())
 
-        # A connection to the watched database: proven again once a snapshot listed it.
+        # A connection to the watched database: proven again once a snapshot listed it, under
+        # the pid the server gives it.
         with psycopg.connect(watched_url, autocommit=True) as conn:
             assert not proof.unchanged()
             assert set(observer.snapshot()) == {conn.info.backend_pid}
             assert proof.unchanged()
             # Another database's backend is not this run's: the server says so once.
-            with psycopg.connect(local_server.url, autocommit=True):
+            with psycopg.connect(admin_url, autocommit=True):
                 assert not proof.unchanged()
                 assert set(observer.snapshot()) == {conn.info.backend_pid}
                 assert proof.unchanged()
@@ -142,7 +162,7 @@ def test_postmaster_children_account_for_every_backend(local_server, over):
         assert _until(lambda: observer.snapshot() == {} and proof.unchanged())
     finally:
         observer.close()
-        with psycopg.connect(local_server.url, autocommit=True) as admin:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute("drop database watched")
 
 
@@ -173,17 +193,34 @@ def test_a_pid_that_comes_back_after_a_newcomer_is_asked_about_again():
         proof.close()
 
 
-def test_no_process_table_proof_for_a_server_behind_a_proxy(local_server):
-    # Between client and server a pooler or a published container port may stand; the
-    # backends' titles then name another port, and the process table proves nothing.
-    with LoopbackProxy(local_server.url) as proxy:
-        observer = Observer(proxy.url, "postgres")
-        try:
-            assert observer.proof is None
-            with psycopg.connect(local_server.url, autocommit=True) as conn:
-                assert conn.info.backend_pid in observer.snapshot()
-        finally:
-            observer.close()
+OUT_OF_SIGHT = """
+import sys
+from connguard.leak_detector.observer import Observer
+
+observer = Observer(sys.argv[1], "postgres")
+observer.snapshot()  # the server answers all the same
+print(observer.proof is None, observer.broken is None, observer.queries)
+observer.close()
+"""
+
+
+def test_no_process_table_proof_for_a_server_out_of_sight(local_server):
+    # As a server on another host, or a CI service container seen from a job that runs in a
+    # container of its own: the observer runs in a PID namespace of its own, with its own
+    # /proc, and cannot see the server's processes. Every test then asks the server.
+    command = ["unshare", "--map-root-user", "--pid", "--fork", "--mount-proc"]
+    result = subprocess.run(
+        [*command, sys.executable, "-c", OUT_OF_SIGHT, local_server.url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "1"]
+    # The same observer, seeing the server: the proof.
+    observer = Observer(local_server.url, "postgres")
+    try:
+        assert observer.proof is not None
+    finally:
+        observer.close()
 
 
 GATED = """
@@ -330,8 +367,7 @@ def gated_run(root, url: str | None, *args: str, backend=None, selected: int = T
 
 
 def test_skips_only_what_is_proven_and_misses_nothing(local_server, tmp_path):
-    with LoopbackProxy(local_server.url) as proxy:
-        _, asked = gated_run(tmp_path / "proxied", proxy.url)
+    _, asked = gated_run(tmp_path / "asked", local_server.url, ASK_EVERY_TEST)
     _, table = gated_run(tmp_path / "url", local_server.url)
     _, log = gated_run(tmp_path / "local", None)
     assert verdicts(asked) == verdicts(table) == verdicts(log) == EXPECTED

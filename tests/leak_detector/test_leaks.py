@@ -6,6 +6,7 @@ import json
 
 import pytest
 from leak_projects import (
+    ASK_EVERY_TEST,
     CONFTEST,
     INI_AUTO_SESSION,
     INI_STRICT_FUNCTION,
@@ -19,7 +20,6 @@ from leak_projects import (
     run,
     write_project,
 )
-from provision_helpers import LoopbackProxy
 
 from connguard.leak_detector.provision.local import LocalProvider, find_bindir
 
@@ -39,19 +39,17 @@ def server_url():
         provider.stop()
 
 
-@pytest.fixture(scope="module")
-def proxied_url(server_url):
-    """The same server behind a TCP proxy: its processes cannot be named, so each test asks."""
-    with LoopbackProxy(server_url) as proxy:
-        yield proxy.url
-
-
 # How each kind of run may skip the server round trip (the report's server_proof).
 PROOFS = {"asked": None, "url": "process table", "local": "connection log"}
 
 
-def _server_of(kind: str, server_url: str, proxied_url: str) -> str | None:
-    return {"asked": proxied_url, "url": server_url, "local": None}[kind]
+def _server_of(kind: str, server_url: str) -> tuple[str | None, tuple[str, ...]]:
+    """The server of a run of this kind (None: its own local cluster), and its options."""
+    return {
+        "asked": (server_url, (ASK_EVERY_TEST,)),
+        "url": (server_url, ()),
+        "local": (None, ()),
+    }[kind]
 
 
 EXPECTED_KINDS = {
@@ -74,13 +72,13 @@ EXPECTED_KINDS = {
 # own cluster): the process table or the connection log lets the detector skip that question
 # when nothing can have changed; the verdicts must not change.
 @pytest.fixture(scope="module", params=list(PROOFS))
-def leaky_run(request, server_url, proxied_url, tmp_path_factory):
+def leaky_run(request, server_url, tmp_path_factory):
     project = write_project(
         tmp_path_factory.mktemp("leaky"), INI_AUTO_SESSION,
         conftest=CONFTEST, test_leaky=TEST_LEAKY,
     )  # fmt: skip
-    url = _server_of(request.param, server_url, proxied_url)
-    result = run(project, url, "--leak-check-report=report.json", "-rA")
+    url, options = _server_of(request.param, server_url)
+    result = run(project, url, "--leak-check-report=report.json", "-rA", *options)
     report = load_report(project / "report.json")
     assert report["server_proof"] == PROOFS[request.param]
     return project, result, report
@@ -236,10 +234,10 @@ def clean_project(tmp_path_factory):
     ],
     ids=["serial", "xdist-n2", "asked-serial", "asked-xdist-n2", "local-serial", "local-xdist-n2"],
 )
-def test_clean_suite_passes(server_url, proxied_url, clean_project, backend, extra, tmp_path):
+def test_clean_suite_passes(server_url, clean_project, backend, extra, tmp_path):
     report_path = tmp_path / "report.json"
-    url = _server_of(backend, server_url, proxied_url)
-    result = run(clean_project, url, f"--leak-check-report={report_path}", *extra)
+    url, options = _server_of(backend, server_url)
+    result = run(clean_project, url, f"--leak-check-report={report_path}", *options, *extra)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "16 passed" in result.stdout
     assert "connguard: " in result.stdout  # the header: the check really ran
@@ -301,11 +299,11 @@ POOLS = {
 
 
 @pytest.mark.parametrize("pool", list(POOLS))
-def test_a_fixture_connection_back_in_its_pool_is_asked_about_then(pool, proxied_url, tmp_path):
+def test_a_fixture_connection_back_in_its_pool_is_asked_about_then(pool, server_url, tmp_path):
     name, acquire, query = POOLS[pool]
     test = TEST_ASKED_WHEN_RETURNED.format(pool=name, acquire=acquire, query=query)
     project = write_project(tmp_path, INI_AUTO_SESSION, conftest=CONFTEST, test_returned=test)
-    result = run(project, proxied_url, "--leak-check-report=report.json")
+    result = run(project, server_url, "--leak-check-report=report.json", ASK_EVERY_TEST)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
     report = load_report(project / "report.json")

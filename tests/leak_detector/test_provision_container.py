@@ -12,6 +12,7 @@ import signal
 import time
 
 import pytest
+from leak_projects import ASK_EVERY_TEST
 from provision_helpers import (
     CONFTEST_RECORDING_URL,
     TEST_FIXTURES_WORK,
@@ -22,7 +23,13 @@ from provision_helpers import (
     run_pytest,
     start_waiting_run,
 )
-from test_connection_log import EXPECTED, TESTS, gated_run, verdicts
+from test_connection_log import (
+    EXPECTED,
+    TESTS,
+    children_account_for_every_backend,
+    gated_run,
+    verdicts,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -198,9 +205,10 @@ def test_the_container_keeps_a_connection_log_that_misses_nothing(
     if provider.unavailable_reason():
         pytest.skip(f"no server to compare with: {provider.unavailable_reason()}")
     server = provider.start()
-    try:  # through a proxy, as the container backend's baseline: no proof, every test asks
-        with LoopbackProxy(server.url) as proxy:
-            _, url = gated_run(tmp_path / "url", proxy.url, *selection, selected=selected)
+    try:  # the baseline: no proof, every test asks
+        _, url = gated_run(
+            tmp_path / "url", server.url, *selection, ASK_EVERY_TEST, selected=selected
+        )
     finally:
         provider.stop()
     assert container["server_proof"] == "connection log" and url["server_proof"] is None
@@ -208,6 +216,83 @@ def test_the_container_keeps_a_connection_log_that_misses_nothing(
     # The thirteen quiet tests were not asked about.
     saved = url["server_snapshots"] - container["server_snapshots"]
     assert saved >= 11, (url["server_snapshots"], container["server_snapshots"])
+
+
+@pytest.fixture(scope="module")
+def container_server(docker_client):
+    """A server in a container of this machine, in its own PID namespace (as a CI service
+    container is), reached by URL."""
+    from connguard.leak_detector.provision.container import ContainerProvider
+
+    provider = ContainerProvider(image=TEST_IMAGE, network="host", allow_pull=False)
+    server = provider.start()
+    try:
+        yield server
+    finally:
+        provider.stop()
+
+
+@pytest.mark.parametrize("over", ["tcp", "proxy"])
+def test_a_container_servers_processes_account_for_every_backend(container_server, over):
+    # This machine's process table lists the container's processes under other pids; each
+    # one's status gives the pid the server reports. Through a proxy (a published port) the
+    # server's backends name the proxy's port, and the server tells which.
+    url = container_server.url
+    if over == "proxy":
+        with LoopbackProxy(url) as proxy:
+            children_account_for_every_backend(url, proxy.url)
+    else:
+        children_account_for_every_backend(url, url)
+
+
+def test_a_container_server_over_a_shared_unix_socket_is_named_too(docker_client, tmp_path):
+    # A socket directory shared with the container: the kernel names the postmaster under our
+    # pid, and the backend is its child whose pid in the container is the one the server gives.
+    from connguard.leak_detector.provision import free_port, make_url
+
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    sockets.chmod(0o777)  # the server runs as its own user
+    port = free_port()
+    container = docker_client.containers.run(
+        TEST_IMAGE, detach=True, network_mode="host",
+        environment={"POSTGRES_USER": "alice", "POSTGRES_PASSWORD": "pw", "PGPORT": str(port)},
+        volumes={str(sockets): {"bind": "/var/run/postgresql", "mode": "rw"}},
+        labels={"org.connguard": "true"},
+    )  # fmt: skip
+    try:
+        url = make_url("alice", "pw", "127.0.0.1", port, "postgres")
+        deadline = time.monotonic() + 60
+        while not _answers(url):
+            assert time.monotonic() < deadline, container.logs().decode()[-2000:]
+            time.sleep(0.2)
+        children_account_for_every_backend(url, f"{url}?host={sockets}")
+    finally:
+        container.remove(force=True)
+
+
+def _answers(url: str) -> bool:
+    import psycopg
+
+    try:
+        psycopg.connect(url, connect_timeout=2).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+def test_a_container_reached_by_url_skips_only_what_is_proven(container_server, tmp_path):
+    # The url backend on a container of this machine (a CI service container): the process
+    # table proves what the connection log proves for the container backend, with the
+    # verdicts of asking after every test.
+    # (A cancel request's backend ends silently; its process leaves the table at once.)
+    url = container_server.url
+    _, proven = gated_run(tmp_path / "proven", url)
+    _, asked = gated_run(tmp_path / "asked", url, ASK_EVERY_TEST)
+    assert (proven["server_proof"], asked["server_proof"]) == ("process table", None)
+    assert verdicts(proven) == verdicts(asked) == EXPECTED
+    saved = asked["server_snapshots"] - proven["server_snapshots"]
+    assert saved >= 14, (asked["server_snapshots"], proven["server_snapshots"])
 
 
 UNWRITABLE_LOG = """

@@ -28,6 +28,7 @@ def test_every_setting_has_one_name_in_each_source():
         "leak_check", "leak_check_db", "leak_check_db_url", "leak_check_image",
         "leak_check_network", "leak_check_url_env", "leak_check_db_per_test", "leak_check_mode",
         "leak_check_report", "leak_check_pool_threshold", "leak_check_fail_on",
+        "leak_check_server_proof",
     }  # fmt: skip
 
 
@@ -36,6 +37,7 @@ def test_defaults(pytester):
     assert settings.resolve(config, "leak_check") is False
     assert settings.resolve(config, "leak_check_db") == "auto"
     assert settings.resolve(config, "leak_check_mode") == "fail"
+    assert settings.resolve(config, "leak_check_server_proof") == "auto"
     assert settings.resolve(config, "leak_check_pool_threshold") == 0.7
     assert settings.resolve(config, "leak_check_fail_on") == frozenset()
     assert settings.resolve(config, "leak_check_image") == settings.DEFAULT_IMAGE

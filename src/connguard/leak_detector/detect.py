@@ -146,6 +146,7 @@ class LeakDetector:
                 database.dbname,
                 details.get("connection_log"),
                 details.get("connection_log_gone_after"),
+                prove=settings.resolve(config, "leak_check_server_proof") == "auto",
             )
         except ObserverError as error:
             raise pytest.UsageError(f"connguard: {error}") from None

@@ -159,20 +159,29 @@ class PostmasterChildren:
     """The server's processes, read from this machine's process table: a proof, with one pread,
     that no backend came or went.
 
-    For a server on this machine, in this PID namespace (see `attach`): every backend is a
-    child of the postmaster, and the kernel lists a process's children in
+    For a server whose processes this machine's process table shows (see `attach`): every
+    backend is a child of the postmaster, and the kernel lists a process's children in
     /proc/PID/task/PID/children, in the order they were forked. When that list is the one
     read just before the last snapshot was asked for, and each process on it was either listed
     by that snapshot or is known never to be a client backend of our database, the server's
     set of backends is still that snapshot's. (A backend that ends and whose pid comes back as a
     new one, with no other process of the server starting or ending in between, would go
     unseen; that takes the machine's pids to wrap around first.)
+
+    A server in a container of this machine (a CI service container) runs in its own PID
+    namespace, which this one contains: the table lists its processes under our pids, and
+    each one's status gives its pid in the server's namespace (the last of NSpid), which is
+    what pg_stat_activity and the clients report. The listing is read in our pids and
+    compared in the server's.
     """
 
     kind = "process table"
 
-    def __init__(self, postmaster: int, observer_pid: int, others) -> None:
+    def __init__(self, postmaster: int, observer_pid: int, others, translate: bool = False) -> None:
         self._fd = os.open(f"/proc/{postmaster}/task/{postmaster}/children", os.O_RDONLY)
+        # Our pid -> the server's, for the children of a postmaster in another PID namespace
+        # (None: the same namespace, the same pids); only the current children are kept.
+        self._server_pids: dict[int, int] | None = {} if translate else None
         self._asked: bytes | None = None  # the children when the pending snapshot was asked for
         self._proven: bytes | None = None  # the children every one of which is accounted for
         # Processes that are not, and cannot become, client backends of our database, and
@@ -186,9 +195,12 @@ class PostmasterChildren:
         """The proof for the server behind `pgconn`, or None if its processes are not ours to see.
 
         The backend serving `pgconn` must be a process of this machine that we can name for
-        certain: over a Unix socket the kernel gives the listening postmaster's pid (in our
-        namespace); over loopback TCP the backend's process title names our client port. A
-        server in a container, on another host, or behind a proxy fails these checks.
+        certain. Over a Unix socket the kernel gives the listening postmaster's pid (in our
+        namespace), and the backend is its child. Over loopback TCP the backend's process
+        title names its client's port, which the server tells (through a proxy or a published
+        container port, that is the proxy's). In either case the process's pid in its own
+        namespace must be `backend_pid`. A server on another host, or in a PID namespace this
+        one cannot see (a container next to ours), fails these checks.
         """
         if not sys.platform.startswith("linux"):
             return None
@@ -197,23 +209,21 @@ class PostmasterChildren:
                 if sock.family == socket.AF_UNIX:
                     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
                     postmaster = struct.unpack("3i", creds)[0]
-                    named = _parent(backend_pid) == postmaster
+                    backend = _child_named(postmaster, backend_pid)
                 else:
                     if not ipaddress.ip_address(sock.getpeername()[0]).is_loopback:
                         return None
-                    with open(f"/proc/{backend_pid}/cmdline", "rb") as file:
-                        title = file.read()
-                    port = sock.getsockname()[1]
-                    postmaster = _parent(backend_pid)
-                    named = title.startswith(b"postgres") and f"({port})".encode() in title
-            if not named or len(os.listdir(f"/proc/{postmaster}/task")) != 1:
+                    port = pgconn.exec_(b"SELECT inet_client_port()").get_value(0, 0)
+                    backend = _process_titled(backend_pid, b"(%s)" % port)
+                    postmaster = _parent(backend) if backend is not None else None
+            if backend is None or len(os.listdir(f"/proc/{postmaster}/task")) != 1:
                 return None  # a multi-threaded postmaster would list children per thread
-            proof = cls(postmaster, backend_pid, others)
+            proof = cls(postmaster, backend_pid, others, translate=backend != backend_pid)
         except Exception:  # whatever the reason, no proof: every test asks the server
             return None
         proof.read()
         listing, proof._asked = proof._asked, None
-        proof._seen = set(map(int, listing.split())) if listing is not None else set()
+        proof._seen = set(proof._pids(listing) or ())
         if backend_pid not in proof._seen:
             proof.close()
             return None
@@ -240,9 +250,9 @@ class PostmasterChildren:
     def listed(self, pids) -> None:
         """A snapshot asked for after the last read listed these backends."""
         asked, self._asked, self._proven = self._asked, None, None
-        if asked is None:
+        order = self._pids(asked)
+        if order is None:
             return
-        order = [int(pid) for pid in asked.split()]
         children = set(order)
         # The kernel lists children in the order they were forked: whatever follows a
         # newcomer is new too, though its pid was seen before (it ended and came back).
@@ -259,6 +269,21 @@ class PostmasterChildren:
             unknown -= self._others
         if not unknown:
             self._proven = asked
+
+    def _pids(self, listing: bytes | None) -> list[int] | None:
+        """The children in `listing`, as the server's pids; None if that cannot be told."""
+        if listing is None:
+            return None
+        ours = [int(pid) for pid in listing.split()]
+        known = self._server_pids
+        if known is None:
+            return ours
+        try:
+            pids = [known[pid] if pid in known else _innermost_pid(pid) for pid in ours]
+        except (OSError, ValueError):  # a child ended since the listing was read
+            return None
+        self._server_pids = dict(zip(ours, pids, strict=True))
+        return pids
 
     def close(self) -> None:
         try:
@@ -277,6 +302,51 @@ def _parent(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2 :].split()[1])
 
 
+def _innermost_pid(pid: int) -> int:
+    """The pid of our process `pid` in its own PID namespace (the same, in ours)."""
+    with open(f"/proc/{pid}/status", "rb") as file:
+        for line in file:
+            if line.startswith(b"NSpid:"):
+                return int(line.split()[-1])
+    return pid  # a kernel older than 4.1 shows no NSpid: one namespace
+
+
+def _child_named(parent: int, server_pid: int) -> int | None:
+    """The child of `parent` whose pid in its own namespace is `server_pid`."""
+    with open(f"/proc/{parent}/task/{parent}/children", "rb") as file:
+        children = [int(pid) for pid in file.read().split()]
+    if server_pid in children and _innermost_pid(server_pid) == server_pid:
+        return server_pid
+    named = [pid for pid in children if _innermost_pid(pid) == server_pid]
+    return named[0] if len(named) == 1 else None
+
+
+def _process_titled(server_pid: int, client: bytes) -> int | None:
+    """Our pid of the PostgreSQL backend whose pid in its own namespace is `server_pid` and
+    whose process title names `client` (its client's port), if exactly one process is such."""
+    try:  # the same namespace: the pid is ours too
+        if _innermost_pid(server_pid) == server_pid and _titled(server_pid, client):
+            return server_pid
+    except OSError:
+        pass
+    named = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == server_pid:
+            continue
+        try:
+            if _innermost_pid(int(entry)) == server_pid and _titled(int(entry), client):
+                named.append(int(entry))
+        except OSError:  # ended, or not ours to read
+            continue
+    return named[0] if len(named) == 1 else None
+
+
+def _titled(pid: int, client: bytes) -> bool:
+    with open(f"/proc/{pid}/cmdline", "rb") as file:
+        title = file.read()
+    return title.startswith(b"postgres") and client in title
+
+
 class ObserverError(RuntimeError):
     """The observer could not connect or query; the message says why."""
 
@@ -288,6 +358,7 @@ class Observer:
         dbname: str,
         connection_log: str | None = None,
         log_gone_after: float | None = None,
+        prove: bool = True,
     ) -> None:
         import psycopg
 
@@ -317,6 +388,8 @@ class Observer:
         # What proves, without a round trip, that no backend came or went (see
         # detect._server_unchanged); without one, every test asks the server.
         self.proof: ConnectionLog | PostmasterChildren | None = None
+        if not prove:
+            return
         if connection_log is not None:
             try:
                 self.proof = ConnectionLog(connection_log, dbname, log_gone_after)

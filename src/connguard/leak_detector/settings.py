@@ -187,6 +187,15 @@ SETTINGS: dict[str, Setting] = {
             metavar="NAME",
         ),
         Setting(
+            "leak_check_server_proof",
+            choice("auto", "off"),
+            "auto",
+            "auto: skip the per-test pg_stat_activity query when the server's connection log "
+            "or its processes on this machine prove no connection came or went; off: ask the "
+            "server after every test, as for a server on another host",
+            metavar="auto|off",
+        ),
+        Setting(
             "leak_check_db_per_test",
             parse_bool,
             False,
