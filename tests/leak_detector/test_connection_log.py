@@ -193,6 +193,19 @@ def test_a_pid_that_comes_back_after_a_newcomer_is_asked_about_again():
         proof.close()
 
 
+def test_only_a_backend_started_while_the_observer_connected_is_named(local_server):
+    # Another server's backend may have the same pid in its own namespace and, by chance, a
+    # client on the same port number; it did not start while this connection was made.
+    with psycopg.connect(local_server.url, autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+        for window, named in (((now - 60, now), True), ((now + 1, now + 2), False)):
+            proof = PostmasterChildren.attach(conn.pgconn, pid, lambda pids: set(), window)
+            assert (proof is not None) == named, window
+            if proof is not None:
+                proof.close()
+
+
 OUT_OF_SIGHT = """
 import sys
 from connguard.leak_detector.observer import Observer

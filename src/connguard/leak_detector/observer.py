@@ -191,16 +191,21 @@ class PostmasterChildren:
         self._seen: set[int] = set()  # the children at the last snapshot (or at attach)
 
     @classmethod
-    def attach(cls, pgconn, backend_pid: int, others) -> PostmasterChildren | None:
+    def attach(
+        cls, pgconn, backend_pid: int, others, connect: tuple[float, float]
+    ) -> PostmasterChildren | None:
         """The proof for the server behind `pgconn`, or None if its processes are not ours to see.
 
         The backend serving `pgconn` must be a process of this machine that we can name for
         certain. Over a Unix socket the kernel gives the listening postmaster's pid (in our
         namespace), and the backend is its child. Over loopback TCP the backend's process
         title names its client's port, which the server tells (through a proxy or a published
-        container port, that is the proxy's). In either case the process's pid in its own
-        namespace must be `backend_pid`. A server on another host, or in a PID namespace this
-        one cannot see (a container next to ours), fails these checks.
+        container port, that is the proxy's), and the process started while `pgconn`
+        connected (`connect`: before and after, on the boot clock), which tells our backend
+        from one of another server with the same pid in its own namespace and, by chance, a
+        client on the same port number. In either case the process's pid in its own namespace
+        must be `backend_pid`. A server on another host, or in a PID namespace this one cannot
+        see (a container next to ours), fails these checks.
         """
         if not sys.platform.startswith("linux"):
             return None
@@ -214,7 +219,7 @@ class PostmasterChildren:
                     if not ipaddress.ip_address(sock.getpeername()[0]).is_loopback:
                         return None
                     port = pgconn.exec_(b"SELECT inet_client_port()").get_value(0, 0)
-                    backend = _process_titled(backend_pid, b"(%s)" % port)
+                    backend = _process_titled(backend_pid, b"(%s)" % port, connect)
                     postmaster = _parent(backend) if backend is not None else None
             if backend is None or len(os.listdir(f"/proc/{postmaster}/task")) != 1:
                 return None  # a multi-threaded postmaster would list children per thread
@@ -321,30 +326,43 @@ def _child_named(parent: int, server_pid: int) -> int | None:
     return named[0] if len(named) == 1 else None
 
 
-def _process_titled(server_pid: int, client: bytes) -> int | None:
-    """Our pid of the PostgreSQL backend whose pid in its own namespace is `server_pid` and
-    whose process title names `client` (its client's port), if exactly one process is such."""
-    try:  # the same namespace: the pid is ours too
-        if _innermost_pid(server_pid) == server_pid and _titled(server_pid, client):
-            return server_pid
-    except OSError:
-        pass
-    named = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == server_pid:
-            continue
+def _process_titled(server_pid: int, client: bytes, started: tuple[float, float]) -> int | None:
+    """Our pid of the PostgreSQL backend whose pid in its own namespace is `server_pid`, whose
+    process title names `client` (its client's port) and which started within `started` (on
+    the boot clock), if exactly one process is such."""
+
+    def named(pid: int) -> bool:
         try:
-            if _innermost_pid(int(entry)) == server_pid and _titled(int(entry), client):
-                named.append(int(entry))
-        except OSError:  # ended, or not ours to read
-            continue
-    return named[0] if len(named) == 1 else None
+            return _innermost_pid(pid) == server_pid and _is_backend(pid, client, started)
+        except (OSError, ValueError, IndexError):  # ended, or not ours to read
+            return False
+
+    if named(server_pid):  # the same namespace: the pid is ours too
+        return server_pid
+    found = [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and named(int(entry))]
+    return found[0] if len(found) == 1 else None
 
 
-def _titled(pid: int, client: bytes) -> bool:
+def _is_backend(pid: int, client: bytes, started: tuple[float, float]) -> bool:
     with open(f"/proc/{pid}/cmdline", "rb") as file:
         title = file.read()
-    return title.startswith(b"postgres") and client in title
+    if not (title.startswith(b"postgres") and client in title):
+        return False
+    with open(f"/proc/{pid}/stat", "rb") as file:
+        stat = file.read()
+    # Field 22, after the command in parentheses: the start, in clock ticks since boot.
+    start = int(stat[stat.rindex(b")") + 2 :].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return started[0] - _TICK_SLACK <= start <= started[1] + _TICK_SLACK
+
+
+# A process's start is kept in clock ticks (10 ms, as a rule): allow two either way.
+_TICK_SLACK = 0.02
+
+
+def _boot_clock() -> float:
+    """Seconds since boot, the clock of a process's start in /proc (0.0 where there is none)."""
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(clock) if clock is not None else 0.0
 
 
 class ObserverError(RuntimeError):
@@ -368,7 +386,9 @@ class Observer:
             # Autocommit is essential: inside a transaction PostgreSQL freezes the first
             # pg_stat_activity snapshot it hands out, so later reads would never see a
             # connection open or close.
+            connecting = _boot_clock()
             self._conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            connected = _boot_clock()
         except psycopg.Error as error:
             raise ObserverError(f"cannot connect the observer: {error}".strip()) from None
         self.pid = self._conn.info.backend_pid
@@ -396,7 +416,9 @@ class Observer:
             except OSError:  # unreadable
                 pass
         if self.proof is None:
-            self.proof = PostmasterChildren.attach(self._pgconn, self.pid, self._others)
+            self.proof = PostmasterChildren.attach(
+                self._pgconn, self.pid, self._others, (connecting, connected)
+            )
 
     def send(self) -> None:
         """Ask for a snapshot now and collect it later: the round trip overlaps pytest's work."""
