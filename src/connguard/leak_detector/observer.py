@@ -54,7 +54,19 @@ _LOG_LINE = re.compile(rb"^[^\[\n]*\[(\d+)\] ([A-Z]+):  (.*)$", re.MULTILINE)
 _AUTHORIZED_DB = re.compile(rb"connection authorized: .*?\bdatabase=(\S+)")
 
 
-class ConnectionLog:
+class _FileProof:
+    """What both proofs share: a file of the kernel's or the server's, held open."""
+
+    _fd: int
+
+    def close(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+class ConnectionLog(_FileProof):
     """The server's own log of connections: a proof, read with one fstat, that none came or went.
 
     Only for a server whose log connguard configured and can read (the local backend, and the
@@ -148,14 +160,8 @@ class ConnectionLog:
             except OSError:  # exists (EPERM under another account)
                 pass
 
-    def close(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
 
-
-class PostmasterChildren:
+class PostmasterChildren(_FileProof):
     """The server's processes, read from this machine's process table: a proof, with one pread,
     that no backend came or went.
 
@@ -226,9 +232,13 @@ class PostmasterChildren:
             proof = cls(postmaster, backend_pid, others, translate=backend != backend_pid)
         except Exception:  # whatever the reason, no proof: every test asks the server
             return None
-        proof.read()
-        listing, proof._asked = proof._asked, None
-        proof._seen = set(proof._pids(listing) or ())
+        for _ in range(3):  # a child may end between the listing and reading its status
+            proof.read()
+            listing, proof._asked = proof._asked, None
+            seen = proof._pids(listing)
+            if seen is not None:
+                break
+        proof._seen = set(seen or ())
         if backend_pid not in proof._seen:
             proof.close()
             return None
@@ -290,21 +300,21 @@ class PostmasterChildren:
         self._server_pids = dict(zip(ours, pids, strict=True))
         return pids
 
-    def close(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
-
 
 # Room for some ten thousand children; a larger buffer would cost an mmap per read.
 _LISTING = 1 << 16
 
 
-def _parent(pid: int) -> int:
+def _stat(pid: int) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command (in parentheses, and it may hold any
+    byte): the 3rd field of proc(5) is [0]."""
     with open(f"/proc/{pid}/stat", "rb") as file:
         stat = file.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def _parent(pid: int) -> int:
+    return int(_stat(pid)[1])
 
 
 def _innermost_pid(pid: int) -> int:
@@ -348,10 +358,7 @@ def _is_backend(pid: int, client: bytes, started: tuple[float, float]) -> bool:
         title = file.read()
     if not (title.startswith(b"postgres") and client in title):
         return False
-    with open(f"/proc/{pid}/stat", "rb") as file:
-        stat = file.read()
-    # Field 22, after the command in parentheses: the start, in clock ticks since boot.
-    start = int(stat[stat.rindex(b")") + 2 :].split()[19]) / os.sysconf("SC_CLK_TCK")
+    start = int(_stat(pid)[19]) / os.sysconf("SC_CLK_TCK")  # field 22: ticks since boot
     return started[0] - _TICK_SLACK <= start <= started[1] + _TICK_SLACK
 
 
