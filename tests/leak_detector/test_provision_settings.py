@@ -68,11 +68,19 @@ def test_database_url_falls_back_to_connguard_database_url(pytester, monkeypatch
     assert settings.resolve(pytester.parseconfig(), "leak_check_db_url") == "postgresql://b@h/db"
 
 
+def _item(pytester, source: str) -> pytest.Item:
+    """The one test in `source`, collected in this process (pytest-asyncio told its loop scope,
+    which it otherwise warns about)."""
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    return pytester.getitem(source)
+
+
 def test_marker_overrides_per_test_only(pytester):
-    item = pytester.getitem(
+    item = _item(
+        pytester,
         "import pytest\n"
         "@pytest.mark.leak_check(mode='warn', pool_threshold=0.5, fail_on='engine')\n"
-        "def test_func(): pass\n"
+        "def test_func(): pass\n",
     )
     assert settings.resolve(item.config, "leak_check_mode", item) == "warn"
     assert settings.resolve(item.config, "leak_check_pool_threshold", item) == 0.5
@@ -114,8 +122,8 @@ def test_bad_value_is_a_usage_error_naming_its_source(pytester, monkeypatch, sou
 
 
 def test_bad_marker_value_names_the_test(pytester):
-    item = pytester.getitem(
-        "import pytest\n@pytest.mark.leak_check(mode='loud')\ndef test_func(): pass\n"
+    item = _item(
+        pytester, "import pytest\n@pytest.mark.leak_check(mode='loud')\ndef test_func(): pass\n"
     )
     with pytest.raises(pytest.UsageError) as raised:
         settings.check_marker(item)
@@ -125,8 +133,8 @@ def test_bad_marker_value_names_the_test(pytester):
 
 
 def test_unknown_marker_key_is_rejected(pytester):
-    item = pytester.getitem(
-        "import pytest\n@pytest.mark.leak_check(db='x')\ndef test_func(): pass\n"
+    item = _item(
+        pytester, "import pytest\n@pytest.mark.leak_check(db='x')\ndef test_func(): pass\n"
     )
     with pytest.raises(pytest.UsageError, match="unknown setting"):
         settings.check_marker(item)
