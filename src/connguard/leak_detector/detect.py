@@ -129,6 +129,9 @@ class LeakDetector:
         # Backends set aside while wrapped connects were under way (see _defer): pid -> the
         # owner they would be blamed on.
         self._deferred: dict[int, str] = {}
+        # Backends of earlier tests' leaks found at this test's check (_collect_surfaced):
+        # their state is part of those leaks, not this test's.
+        self._surfaced_pids: set[int] = set()
         self._usage_errors: dict[str, str] = {}
         self._marked = False
         self._marked_ids: set[str] = set()  # tests with @pytest.mark.leak_check, from collection
@@ -367,6 +370,8 @@ class LeakDetector:
                         return
                 # Something to explain: _evaluate decides, from this same snapshot.
         nodeid = item.nodeid
+        if collected is None and self.observer.pending:
+            collected = self.observer.collect()  # what earlier tests' stragglers show, too
         # Earlier tests' stragglers first, so their backends are not counted as this test's.
         self._collect_surfaced(nodeid)
         outcome = self._evaluate(
@@ -402,6 +407,7 @@ class LeakDetector:
 
         ledger = self.ledger
         late = self._unreleased(earlier)
+        self._surfaced_pids = {r.pid for r in late if r.pid is not None}
         if not late:
             return
         snapshot = self.observer.last or {}
@@ -666,6 +672,8 @@ class LeakDetector:
         found: list[Warning_] = []
         for backend in self._newly_idle_in_transaction(snapshot):
             pid = backend.pid
+            if pid in self._surfaced_pids:
+                continue
             record = next((r for r in leaked if r.pid == pid), None)
             where = locate(record)[0] if record is not None else None
             found.append(
