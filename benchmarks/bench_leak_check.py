@@ -110,6 +110,8 @@ def pytest_sessionfinish(session):
 # "typical": the shape of a CRUD test: a transaction that writes, reads back and rolls back.
 # "fixture": the same through a function-scoped session fixture whose transaction is rolled
 # back after the test, as SQLAlchemy's testing recipe has it.
+# "endpoint": an application test: a request to a FastAPI route, in process through httpx's
+# ASGI transport, whose session dependency runs one query (the incident example's shape).
 TESTS = {
     "light": """
 from sqlalchemy import text
@@ -144,6 +146,38 @@ async def test_with_fixture_{n}(rolled_back):
                                       {{"name": "f{n}"}})
     assert found.scalar() == 1
 """,
+    "endpoint": """
+
+async def test_endpoint_{n}(engine):
+    ENGINE[:] = [engine]
+    async with AsyncClient(transport=ASGITransport(app=app), base_url="http://test") as client:
+        response = await client.get("/agents/e{n}")
+    assert response.status_code == 200 and response.json() == {{"name": "e{n}", "count": 0}}
+""",
+}
+
+# What a file of a shape starts with, once.
+HEADERS = {
+    "endpoint": """
+from fastapi import Depends, FastAPI
+from httpx import ASGITransport, AsyncClient
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+app = FastAPI()
+ENGINE = []
+
+
+async def session():
+    async with AsyncSession(ENGINE[0]) as s:
+        yield s
+
+
+@app.get("/agents/{name}")
+async def read_agent(name: str, s: AsyncSession = Depends(session)):
+    found = await s.execute(text("select count(*) from agents where name = :name"), {"name": name})
+    return {"name": name, "count": found.scalar()}
+""",
 }
 
 
@@ -160,7 +194,7 @@ def make_suite(root: Path, count: int, work: str) -> None:
     per_file = 50
     for start in range(0, count, per_file):
         tests = range(start, min(start + per_file, count))
-        body = "".join(TESTS[work].format(n=n) for n in tests)
+        body = HEADERS.get(work, "") + "".join(TESTS[work].format(n=n) for n in tests)
         (root / f"test_gen_{start // per_file:03d}.py").write_text(body)
 
 
