@@ -193,6 +193,30 @@ def test_a_pid_that_comes_back_after_a_newcomer_is_asked_about_again():
         proof.close()
 
 
+def test_children_are_compared_in_the_servers_pids_and_a_vanished_one_proves_nothing():
+    # A postmaster in another PID namespace lists its children under our pids; each is
+    # translated through its status (here our own children, whose pids are the same in both).
+    # One that ended between the listing and that read cannot be translated: nothing is proven.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proof = PostmasterChildren(os.getpid(), 10, lambda pids: set(), translate=True)
+    try:
+        listing = f"{child.pid} ".encode()
+        assert proof._pids(listing) == [child.pid]
+        assert proof._server_pids == {child.pid: child.pid}
+        child.kill()
+        child.wait()
+        assert proof._pids(listing) == [child.pid]  # known: not read again
+        proof._server_pids = {}
+        assert proof._pids(listing) is None
+        proof._asked = listing
+        proof.listed({})
+        assert proof._proven is None
+    finally:
+        child.kill()
+        child.wait()
+        proof.close()
+
+
 def test_only_a_backend_started_while_the_observer_connected_is_named(local_server):
     # Another server's backend may have the same pid in its own namespace and, by chance, a
     # client on the same port number; it did not start while this connection was made.
