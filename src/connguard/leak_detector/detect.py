@@ -11,8 +11,8 @@ Registered by plugin.py only with --leak-check. Per test:
    after the fixtures let go. It is skipped when the server's connection log (local backend,
    container backend on a Linux engine of this machine) or, for a url server on this machine
    (in a container too), the postmaster's children in the process table prove that no backend
-   came or went, unless --leak-check-server-proof=off (see
-   _server_unchanged, and observer.ConnectionLog and observer.PostmasterChildren). Without
+   came or went, unless --leak-check-server-proof=off (see _server_unchanged, and
+   observer.ConnectionLog and observer.PostmasterChildren). Without
    such a proof, a snapshot held back is sent as soon as the last of those connections is back
    in its pool (SQLAlchemy, asyncpg, psycopg_pool) during the teardown.
 3. after the test's function-scoped fixtures are finalized, and before any wider-scoped fixture
@@ -543,10 +543,9 @@ class LeakDetector:
         Only with a proof that no backend came or went (observer.proof): the server's connection
         log (local and container backends), or the postmaster's children in this machine's
         process table (a url server on this machine, in a container or not). What could change
-        without a backend
-        coming or going is a backend's state; that takes a connection in use, so the ledger
-        must hold none, and every backend of the last snapshot must be an idle connection
-        resting in a pool, outside a transaction.
+        without a backend coming or going is a backend's state; that takes a connection in use,
+        so the ledger must hold none, and every backend of the last snapshot must be an idle
+        connection resting in a pool, outside a transaction.
         """
         observer = self.observer
         proof = observer.proof
