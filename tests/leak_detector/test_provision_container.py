@@ -249,6 +249,7 @@ def test_a_container_server_over_a_shared_unix_socket_is_named_too(docker_client
     # A socket directory shared with the container: the kernel names the postmaster under our
     # pid, and the backend is its child whose pid in the container is the one the server gives.
     from connguard.leak_detector.provision import free_port, make_url
+    from connguard.leak_detector.provision.container import ContainerProvider
 
     sockets = tmp_path / "sockets"
     sockets.mkdir()
@@ -262,23 +263,10 @@ def test_a_container_server_over_a_shared_unix_socket_is_named_too(docker_client
     )  # fmt: skip
     try:
         url = make_url("alice", "pw", "127.0.0.1", port, "postgres")
-        deadline = time.monotonic() + 60
-        while not _answers(url):
-            assert time.monotonic() < deadline, container.logs().decode()[-2000:]
-            time.sleep(0.2)
+        ContainerProvider._wait_for_server(url)  # the image's first start initializes it
         children_account_for_every_backend(url, f"{url}?host={sockets}")
     finally:
         container.remove(force=True)
-
-
-def _answers(url: str) -> bool:
-    import psycopg
-
-    try:
-        psycopg.connect(url, connect_timeout=2).close()
-    except psycopg.OperationalError:
-        return False
-    return True
 
 
 def test_a_container_reached_by_url_skips_only_what_is_proven(container_server, tmp_path):
