@@ -135,6 +135,8 @@ def test_noqa_suppresses_on_the_flagged_line_only(tmp_path):
         "coded.py": target + "  # noqa: CG101",
         "listed.py": target + "  # noqa:CG102,CG101",
         "other.py": target + "  # noqa: E501",
+        "other_ours.py": target + "  # noqa: CG102",
+        "among_others.py": target + "  # noqa: F841, CG101",
     }
     files = {}
     for name, line in variants.items():
@@ -144,7 +146,7 @@ def test_noqa_suppresses_on_the_flagged_line_only(tmp_path):
     write(tmp_path, files)
     result = run(".", "--select", "CG101", cwd=tmp_path)
     flagged = {p for p, _, _ in codes_at(result.stdout)}
-    assert flagged == {"other.py"}
+    assert flagged == {"other.py", "other_ours.py"}
 
 
 def test_pyproject_per_file_ignores_select_and_exclude(tmp_path):

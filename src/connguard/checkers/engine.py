@@ -35,8 +35,10 @@ from connguard.checkers.imports import (
 )
 
 # flake8's spelling: a bare "noqa" comment, or "noqa" with a colon and a list of codes.
+# flake8's form: a code is letters then digits (CG101, E501), so a list naming another code
+# suppresses nothing of ours, and one naming ours among others suppresses it.
 _NOQA = re.compile(
-    r"#\s*noqa(?::[\s]?(?P<codes>[A-Z][0-9]+(?:[,\s]+[A-Z][0-9]+)*))?", re.IGNORECASE
+    r"#\s*noqa(?::[\s]?(?P<codes>[A-Z]+[0-9]+(?:[,\s]+[A-Z]+[0-9]+)*))?", re.IGNORECASE
 )
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
