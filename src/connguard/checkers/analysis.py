@@ -1024,9 +1024,7 @@ class ModuleAnalysis:
                 product = self._factory_product(info) or self._maker_product(info)
                 if product is None:
                     continue
-                if info.decorators and any(
-                    d in ("property", "cached_property") for d in info.decorators
-                ):
+                if ex.is_shared_product(info.decorators):
                     continue
                 info.product = product
                 changed = True

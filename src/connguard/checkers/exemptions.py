@@ -183,6 +183,17 @@ def is_pool_teardown(method: str) -> bool:
     return method == "terminate"
 
 
+def is_shared_product(decorators: Iterable[str]) -> bool:
+    """`@functools.lru_cache` / `@cache` (or cachetools' `@cached`, async-lru's `@alru_cache`)
+    on `def get_engine(): return create_async_engine(...)`, and `@property`/`@cached_property`:
+    every call hands out the one object the first call made, so a caller is not its creator
+    and need not dispose it."""
+    return any(
+        name in ("cache", "lru_cache", "cached", "alru_cache", "property", "cached_property")
+        for name in decorators
+    )
+
+
 def is_memoized_getter(returns: Iterable[cst.BaseExpression], self_name: str, attr: str) -> bool:
     """`self._engine = create_async_engine(...); return self._engine`: a lazy getter hands the one
     cached resource to every caller, and whoever asked for it (an app's shutdown hook) releases
@@ -211,6 +222,20 @@ async def run():
         session = await stack.enter_async_context(AsyncSessionLocal())
         stack.push_async_callback(session.close)
         return await session.execute("select 1")
+""",
+    "cached-factory": """
+import functools
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+@functools.lru_cache(maxsize=None)
+def get_engine():
+    return create_async_engine("postgresql+asyncpg://localhost/app")
+
+async def count():
+    engine = get_engine()
+    async with engine.connect() as conn:
+        return await conn.scalar(text("select 1"))
 """,
     "ownership-sink": """
 import asyncio
