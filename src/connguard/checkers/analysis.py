@@ -1533,6 +1533,9 @@ class FunctionAnalysis:
         self.events_cache: dict[int, tuple[list, bool]] = {}
         self.tracked: set[str] = set()
         self.created_in_handler: set[int] = set()
+        # `s = A() if flag else B()`: each path makes one of the two, and what happens to `s`
+        # happens to it; the earlier alternative (A) follows the fate of the one bound last.
+        self.alternative_of: dict[int, int] = {}
         self.in_finally = 0
         self.expect_failure = 0  # inside `with pytest.raises(...)`: creations are meant to fail
         self.in_cleanup = 0  # inside finally/except: a second failure there is not our finding
@@ -1615,6 +1618,8 @@ class FunctionAnalysis:
             for rid, status in path.status.items():
                 if status == OPEN:
                     self.fates[rid].leak_exception = True
+        for earlier, later in self.alternative_of.items():
+            self._share_fate(self.fates[earlier], self.fates[later])
         for fate in self.fates.values():
             if fate.conditional and fate.released:
                 # `db or AsyncSessionLocal()` closed under `if db is None`: the condition that
@@ -1625,6 +1630,17 @@ class FunctionAnalysis:
                 # tears down its scope; only a function that removes it itself is judged.
                 continue
             self.m.fates.append(fate)
+
+    @staticmethod
+    def _share_fate(earlier: Fate, later: Fate) -> None:
+        for name in ("leak_normal", "leak_exception", "released", "escaped", "sync_with"):
+            setattr(earlier, name, getattr(earlier, name) or getattr(later, name))
+        earlier.reason = earlier.reason or later.reason
+        # One of them is made on every path, as by a plain call: no benefit of the doubt that a
+        # close under a condition gets when `db or F()` may have made nothing.
+        earlier.conditional = later.conditional = False
+        earlier.unawaited = earlier.unawaited or later.unawaited
+        earlier.mistaken = earlier.mistaken or later.mistaken
 
     # ---------------------------------------------------------------- resources
 
@@ -2231,6 +2247,10 @@ class FunctionAnalysis:
         if action == "bind":
             path.status[rid] = OPEN
             for name in extra:
+                earlier = bound.get(name)
+                if use.cond and earlier is not None and earlier != rid:
+                    path.status[earlier] = GONE
+                    self.alternative_of[earlier] = rid
                 bound[name] = rid
             if len(extra) == 1 and not fate.var:
                 fate.var = next(iter(extra))  # the advice then names the user's own variable
@@ -2698,6 +2718,11 @@ class FunctionAnalysis:
                 use = Use("with", is_async=is_async)
                 expr = item.item
                 inner, _ = _unwrap_await(expr)
+                names = _names_in(item.asname.name) if item.asname is not None else []
+                if type(inner) is cst.NamedExpr:
+                    # `async with (s := F()):` enters what F() made, and names it as `as s` would
+                    names += _names_in(inner.target)
+                    expr, inner = inner.value, _unwrap_await(inner.value)[0]
                 if (
                     type(inner) is cst.Call
                     and _last_name(inner.func) in ("aclosing", "closing")
@@ -2707,10 +2732,8 @@ class FunctionAnalysis:
                     self.value(inner.args[0].value, use)
                 else:
                     self.value(expr, use)
-                if item.asname is not None:
-                    self._ev.append(
-                        ("assign", tuple(_names_in(item.asname.name)), cst.Name("object"))
-                    )
+                if names:
+                    self._ev.append(("assign", tuple(names), cst.Name("object")))
             if is_async:
                 self._raises = True
             cached = (self._ev, self._raises)

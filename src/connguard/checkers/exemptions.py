@@ -237,6 +237,33 @@ async def count():
     async with engine.connect() as conn:
         return await conn.scalar(text("select 1"))
 """,
+    "conditional-expression": """
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+ReplicaSession = async_sessionmaker()
+
+async def fetch(query, replica):
+    session = ReplicaSession() if replica else AsyncSessionLocal()
+    async with session:
+        return await session.execute(query)
+
+async def fetch_closing(query, replica):
+    session = ReplicaSession() if replica else AsyncSessionLocal()
+    try:
+        return await session.execute(query)
+    finally:
+        await session.close()
+""",
+    "walrus-with": """
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+
+async def fetch(query):
+    async with (session := AsyncSessionLocal()):
+        return await session.execute(query)
+""",
     "ownership-sink": """
 import asyncio
 from sqlalchemy.ext.asyncio import async_sessionmaker

@@ -145,6 +145,16 @@ async def fetch(query):
 """,
         PRELUDE
         + """
+ReplicaSession = async_sessionmaker(engine)
+
+async def fetch(query, replica):
+    session = ReplicaSession() if replica else AsyncSessionLocal()  # CG102
+    result = await session.execute(query)
+    await session.close()
+    return result
+""",
+        PRELUDE
+        + """
 from contextlib import asynccontextmanager
 
 @asynccontextmanager
