@@ -2006,12 +2006,14 @@ class FunctionAnalysis:
         if not spec.release_async and not spec.release_sync and method in ("close", "aclose"):
             return "release", None
         if outer is not None and outer.kind == "with":
+            if method in spec.mistaken_release:
+                # Also `async with AsyncSessionLocal().begin():` (not the maker's own .begin()):
+                # the block ends the transaction, and nothing closes the session.
+                return "mistaken", method
             if fresh:
                 # `with eng.connect().execution_options(...) as conn:`: such methods return the
                 # resource itself (or a wrapper the with statement closes).
                 return "managed", None
-            if method in spec.mistaken_release:
-                return "mistaken", method
             return "use", None
         if method in spec.mistaken_release:
             if fresh:
@@ -2274,6 +2276,9 @@ class FunctionAnalysis:
         elif action == "leak":
             fate.leak_normal = True
             fate.reason = fate.reason or extra
+        elif action == "mistaken":  # made only to enter its transaction
+            fate.leak_normal = True
+            fate.mistaken = fate.mistaken or extra
         elif action == "sync-with":
             fate.sync_with = True
             fate.released = True

@@ -75,6 +75,12 @@ async def save(item):
         PRELUDE
         + """
 async def save(item):
+    async with AsyncSessionLocal().begin() as transaction:  # CG105
+        transaction.session.add(item)
+""",
+        PRELUDE
+        + """
+async def save(item):
     session = AsyncSessionLocal()  # CG105
     session.add(item)
     await session.commit()
