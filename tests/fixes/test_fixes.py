@@ -350,6 +350,21 @@ def test_fix_file_writes_atomically_and_keeps_the_mode(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["routes.py"]  # no temporary file left behind
 
 
+def test_fix_through_a_symlink_rewrites_the_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "routes.py"
+    target.write_text((GOLDEN / "seed_outage.in.py").read_text())
+    target.chmod(0o640)
+    link = tmp_path / "link.py"
+    link.symlink_to("routes.py")
+
+    assert fix_file(link, CONFIG, write=True).changed
+
+    assert os.path.islink(link) and os.readlink(link) == "routes.py"
+    assert target.read_text() == (GOLDEN / "seed_outage.out.py").read_text()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["link.py", "routes.py"]
+
+
 def test_fix_file_without_write_changes_nothing(tmp_path):
     target = tmp_path / "routes.py"
     original = (GOLDEN / "seed_outage.in.py").read_bytes()

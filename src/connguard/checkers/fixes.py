@@ -1188,7 +1188,9 @@ def read_source(path: str | Path) -> str:
 
 def write_atomic(path: str | Path, text: str) -> None:
     """Replace `path` with `text` in one rename, keeping its permission bits."""
-    target = Path(path)
+    # Through a symlink the file to replace is the target: renaming over the link itself would
+    # turn it into a regular copy and leave the target stale (black and ruff write the target).
+    target = Path(os.path.realpath(path))
     mode = stat.S_IMODE(target.stat().st_mode)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
