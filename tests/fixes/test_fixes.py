@@ -456,6 +456,29 @@ def test_byte_order_mark_is_kept(tmp_path):
     assert target.read_bytes() == b"\xef\xbb\xbf" + (GOLDEN / "seed_outage.out.py").read_bytes()
 
 
+def test_a_coding_cookie_is_honoured_and_the_file_written_back_in_its_encoding(tmp_path):
+    # The checker decodes by the PEP 263 cookie; the fixer must read (and write) what it flagged.
+    header = '# -*- coding: latin-1 -*-\r\nx = "caf\xe9"\r\n'
+    before = (GOLDEN / "seed_outage.in.py").read_text().replace("\n", "\r\n")
+    after = (GOLDEN / "seed_outage.out.py").read_text().replace("\n", "\r\n")
+    target = tmp_path / "routes.py"
+    target.write_bytes((header + before).encode("latin-1"))
+
+    assert fix_file(target, CONFIG, write=True).changed
+
+    assert target.read_bytes() == (header + after).encode("latin-1")
+    assert b'x = "caf\xe9"\r\n' in target.read_bytes()
+
+
+def test_a_bad_coding_cookie_is_a_value_error_as_in_the_checker(tmp_path):
+    target = tmp_path / "routes.py"
+    original = b"# -*- coding: no-such-codec -*-\n" + (GOLDEN / "seed_outage.in.py").read_bytes()
+    target.write_bytes(original)
+    with pytest.raises(ValueError, match="no-such-codec"):
+        fix_file(target, CONFIG, write=True)
+    assert target.read_bytes() == original
+
+
 def test_entering_a_started_connection_again_really_fails():
     # The reason "started_by_async_factory" is declined: `async with await open_connection()`
     # would raise at runtime, though it reads well and the checker would accept it.

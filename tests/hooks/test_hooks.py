@@ -79,6 +79,10 @@ def test_fix_hook_bad_input_is_one_line_and_exit_2(project, capsys):
     assert fix_async_resources.main(["missing.py"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("missing.py: cannot fix:")
+    (project / "cookie.py").write_text("# -*- coding: no-such-codec -*-\n" + LEAK)
+    assert fix_async_resources.main(["cookie.py"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cookie.py: cannot fix:")
     assert fix_async_resources.main(["--select", "nonsense", "x.py"]) == 2
     assert "nonsense" in capsys.readouterr().err
 

@@ -16,6 +16,7 @@ import libcst as cst
 from libcst.metadata import MetadataWrapper, ParentNodeProvider, PositionProvider
 
 from connguard.checkers.findings import Finding
+from connguard.checkers.imports import source_encoding
 
 if TYPE_CHECKING:
     from connguard.checkers.config import Config
@@ -1180,22 +1181,16 @@ def render_diff(old: str, new: str, path: str) -> str:
     return "".join(out)
 
 
-def read_source(path: str | Path) -> str:
-    """The file's text exactly as stored (newlines untouched); decode/OS errors propagate."""
-    with open(path, encoding="utf-8", newline="") as fh:
-        return fh.read()
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` in one rename, keeping its permission bits."""
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` in one rename, keeping its permission bits."""
     # Through a symlink the file to replace is the target: renaming over the link itself would
     # turn it into a regular copy and leave the target stale (black and ruff write the target).
     target = Path(os.path.realpath(path))
     mode = stat.S_IMODE(target.stat().st_mode)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
@@ -1209,11 +1204,15 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def fix_file(path: str | Path, config: Config | None = None, *, write: bool) -> FixOutcome:
-    """Fix one file; with write=True the new text replaces it atomically (only when it changed)."""
-    source = read_source(path)
-    # A UTF-8 byte-order mark is not Python source: fix the text after it, write it back with it.
-    bom = "\ufeff" if source.startswith("\ufeff") else ""
-    outcome = fix_source(source[len(bom) :], str(path), config)
+    """Fix one file; with write=True the new text replaces it atomically (only when it changed).
+    OSError: unreadable; ValueError: undecodable, as the checker would report it."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    # The checker's own decoding (PEP 263 cookie, byte-order mark), so that the fixer reads what
+    # the checker flagged; the fix is encoded back the same way, mark included. Bytes in and out:
+    # newlines stay exactly as stored.
+    encoding = source_encoding(data)
+    outcome = fix_source(data.decode(encoding), str(path), config)
     if write and outcome.changed:
-        write_atomic(path, bom + outcome.source)
+        write_atomic(path, outcome.source.encode(encoding))
     return outcome

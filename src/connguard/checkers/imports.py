@@ -127,6 +127,15 @@ def read_source(path: Path) -> str:
 
 
 def decode_source(data: bytes) -> str:
+    """Python source bytes as text (a byte-order mark dropped, newlines untouched)."""
+    return data.decode(source_encoding(data))
+
+
+def source_encoding(data: bytes) -> str:
+    """The codec Python reads this source with: its PEP 263 cookie, else UTF-8; "utf-8-sig"
+    when it starts with a byte-order mark, so that encoding text with it puts the mark back.
+    A bad cookie raises ValueError."""
+    # tokenize only when a cookie is possible: most files have none, and this runs per file.
     if any(b"coding" in line for line in data[:400].split(b"\n", 2)[:2]):
         import io
         import tokenize
@@ -135,10 +144,8 @@ def decode_source(data: bytes) -> str:
             encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
         except SyntaxError as exc:
             raise ValueError(str(exc)) from None
-        if encoding == "utf-8-sig":
-            return data.decode("utf-8-sig")
-        return data.decode(encoding)
-    return data.decode("utf-8-sig")
+        return encoding
+    return "utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8"
 
 
 @lru_cache(maxsize=1024)

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"fix-async-resources: {exc}", file=sys.stderr)
             return 2
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: undecodable, or a bad coding cookie
             reason = getattr(exc, "strerror", None) or str(exc)
             print(f"{path}: cannot fix: {reason}", file=sys.stderr)
             status = 2
