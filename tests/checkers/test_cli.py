@@ -359,6 +359,39 @@ def test_fix_rewrites_and_the_file_then_checks_clean(tmp_path):
     assert run("--select", "CG101,CG102", "a.py", cwd=tmp_path).returncode == 0
 
 
+# An in-place use (fixed: it gains a line) above a creation the fixer declines (at 8:13).
+FIXED_ABOVE_DECLINED = """\
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+engine = create_async_engine("postgresql+asyncpg://localhost/app")
+AsyncSessionLocal = async_sessionmaker(engine)
+async def a(q):
+    await AsyncSessionLocal().execute(q)
+async def b(q, flag):
+    if flag:
+        s = AsyncSessionLocal()
+        await s.execute(q)
+    print(s)
+"""
+
+
+def test_fix_reports_what_is_left_at_its_place_in_the_fixed_file(tmp_path):
+    write(tmp_path, {"a.py": FIXED_ABOVE_DECLINED})
+    diff = run("--diff", "a.py", cwd=tmp_path)
+    # --diff writes nothing: the position is the one of the file as it is.
+    assert diff.stderr.splitlines()[0].startswith("a.py:8:13: CG101 ")
+
+    result = run("--fix", "a.py", cwd=tmp_path)
+
+    assert_no_traceback(result)
+    assert (tmp_path / "a.py").read_text().splitlines()[8] == "        s = AsyncSessionLocal()"
+    assert [line.split(" ")[0] for line in result.stdout.splitlines()] == ["a.py:9:13:"]
+    declined, summary = result.stderr.splitlines()
+    assert declined == result.stdout.rstrip("\n") + (
+        " (not fixed: `s` is also used outside the statements after its creation)"
+    )
+    assert summary == "fixed 1 file(s); 1 finding(s) left for a person"
+
+
 def test_fix_from_stdin_prints_the_fixed_source(tmp_path):
     result = run("--fix", "-", "--stdin-filename", "api.py", cwd=tmp_path, input=LEAK)
     assert_no_traceback(result)

@@ -16,7 +16,13 @@ import pytest
 
 from connguard.checkers.config import Config
 from connguard.checkers.engine import check_source
-from connguard.checkers.fixes import FIXABLE_CODES, fix_file, fix_source, render_diff
+from connguard.checkers.fixes import (
+    FIXABLE_CODES,
+    declined_after,
+    fix_file,
+    fix_source,
+    render_diff,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 SHAPES = sorted(p.name[: -len(".in.py")] for p in GOLDEN.glob("*.in.py"))
@@ -447,6 +453,32 @@ def test_in_place_use_gets_a_name_not_taken_in_the_function():
     assert [f.line for f in outcome.applied] == [5]
     assert "    async with AsyncSessionLocal() as session2:\n" in outcome.source
     assert "        await session2.execute(q)\n    return session\n" in outcome.source
+
+
+def test_a_declined_finding_inside_a_fixed_block_moves_with_it():
+    source = textwrap.dedent(
+        """
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+        AsyncSessionLocal = async_sessionmaker()
+
+        async def run(q):
+            s = AsyncSessionLocal()
+            await s.execute(q)
+            t = AsyncSessionLocal()
+            print(t)
+            t = 1
+        """
+    ).lstrip()
+    outcome = fix_source(source, PATH, CONFIG)
+    assert [(f.line, f.col) for f in outcome.applied] == [(5, 9)]
+    assert [(f.line, f.col) for f, _ in outcome.declined] == [(7, 9)]
+
+    after = check_source(outcome.source, PATH, CONFIG)
+    moved = declined_after(outcome, after)
+
+    # Same line (the fix added none above it), one indentation deeper: the re-check's finding.
+    assert [(f.line, f.col) for f, _ in moved] == [(7, 13)] == [(f.line, f.col) for f in after]
+    assert [why for _, why in moved] == [why for _, why in outcome.declined]
 
 
 def test_byte_order_mark_is_kept(tmp_path):

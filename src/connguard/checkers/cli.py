@@ -253,8 +253,10 @@ def _run_fix(args: argparse.Namespace, config: Config, selection: Selection | No
         else:
             sys.stdout.write(outcome.source)
         changed += outcome.source != source
-        declined_lines += [f"{f.text()} (not fixed: {why})" for f, why in outcome.declined]
         remaining = engine.check_source(outcome.source, name, config)
+        # --fix prints the fixed text: positions are that text's; --diff's are the input's.
+        declined = outcome.declined if args.diff else fixes.declined_after(outcome, remaining)
+        declined_lines += [f"{f.text()} (not fixed: {why})" for f, why in declined]
     else:
         from connguard.checkers.discovery import PathError, collect_files
 
@@ -280,11 +282,16 @@ def _run_fix(args: argparse.Namespace, config: Config, selection: Selection | No
                     sys.stdout.write(
                         fixes.render_diff(outcome.original or "", outcome.source, path)
                     )
-            declined_lines += [f"{f.text()} (not fixed: {why})" for f, why in outcome.declined]
+            # Every position printed is one of the file as the run leaves it on disk: --diff
+            # writes nothing, so the fixer's own (pre-fix) positions; --fix, the re-check's.
             if args.diff:
+                declined = outcome.declined
                 remaining += engine.check_source(outcome.source, path, file_config)
             else:
-                remaining += engine.check_file(path, file_config)
+                after = engine.check_file(path, file_config)
+                declined = fixes.declined_after(outcome, after)
+                remaining += after
+            declined_lines += [f"{f.text()} (not fixed: {why})" for f, why in declined]
     for line in declined_lines:
         print(line, file=sys.stderr)
     verb = "would fix" if args.diff else "fixed"

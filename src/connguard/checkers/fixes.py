@@ -1165,6 +1165,38 @@ def fix_source(
     return outcome
 
 
+def declined_after(outcome: FixOutcome, after: Sequence[Finding]) -> list[tuple[Finding, str]]:
+    """The declined findings as the fixed text has them: each reason paired with its finding in
+    `after` (the findings of `outcome.source`), so that its position is the fixed file's.
+
+    The fixer reports what it was given, positions of the text before the fix; once the fix is
+    written, an applied fix above a declined finding has moved it (a line added, a block
+    indented). A rewrite only wraps statements, never reorders them, and leaves the lines it did
+    not fix unchanged but for their indentation: a declined finding is the next finding after
+    the previous match with the same code, message, line text and column within that text. One
+    the fixed text no longer has (a fix above made it moot) is not left for a person.
+    """
+    before_lines = (outcome.original or outcome.source).splitlines()
+    after_lines = outcome.source.splitlines()
+
+    def key(finding: Finding, lines: list[str]) -> tuple[str, str, str, int]:
+        text = lines[finding.line - 1] if 0 < finding.line <= len(lines) else ""
+        indent = len(text) - len(text.lstrip())
+        return finding.code, finding.message, text.strip(), finding.col - indent
+
+    candidates = sorted(after)
+    moved: list[tuple[Finding, str]] = []
+    start = 0
+    for finding, reason in sorted(outcome.declined):
+        wanted = key(finding, before_lines)
+        for index in range(start, len(candidates)):
+            if key(candidates[index], after_lines) == wanted:
+                moved.append((candidates[index], reason))
+                start = index + 1
+                break
+    return moved
+
+
 def render_diff(old: str, new: str, path: str) -> str:
     """A unified diff of one file, as `--diff` prints it (empty when nothing changed)."""
     if old == new:
