@@ -551,6 +551,31 @@ def test_fail_on_threshold_allow_and_warn_mode(server_url, tmp_path):
     assert "ConnectionLeakWarning" in out
 
 
+def test_warnings_made_errors_fail_their_test_and_the_run_goes_on(server_url, tmp_path):
+    # `-W error` / `filterwarnings = error` turn connguard's warnings into exceptions; raised
+    # from the report hook, one stopped the whole run with an INTERNALERROR.
+    project = write_project(tmp_path, INI_AUTO_SESSION, test_options=OPTIONS_TESTS)
+    result = run(
+        project,
+        server_url,
+        "-W",
+        "error::connguard.leak_detector.detect.ConnectionLeakWarning",
+        "--leak-check-report=report.json",
+        "-rA",
+    )
+    out = result.stdout
+    assert "INTERNALERROR" not in out + result.stderr
+    assert result.returncode == 1, out
+    results = results_by_owner(load_report(project / "report.json"))
+    for name in ("test_undisposed", "test_pool_peak", "test_warn_only"):
+        assert f"ERROR at teardown of {name}" in out
+        assert results[name]["fails"], name
+    # What the marker allowed stays allowed.
+    assert "ERROR at teardown of test_allowed" not in out
+    assert not results["test_allowed"]["fails"]
+    assert "4 passed" in out and "3 errors" in out, out
+
+
 def test_allow_marker_without_reason_is_a_usage_error(server_url, tmp_path):
     project = write_project(
         tmp_path,
