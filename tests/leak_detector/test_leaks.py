@@ -221,12 +221,18 @@ def test_a_late_leak_left_in_a_transaction_is_only_its_owners(server_url, tmp_pa
         tmp_path, INI_AUTO_SESSION, conftest=CONFTEST, test_late=TEST_LATE_IN_TRANSACTION
     )
     result = run(project, server_url, "--leak-check-report=report.json", "-rA")
-    assert result.returncode == 0, result.stdout + result.stderr
+    # Both tests passed; the leak found after its test had passed fails the run instead.
+    assert "2 passed" in result.stdout, result.stdout
+    assert "1 leak(s) found after their tests had passed (LATE): the run fails" in result.stdout
+    assert result.returncode == 1, result.stdout + result.stderr
     results = results_by_owner(load_report(project / "report.json"))
     assert set(results) == {"test_starts_late_work"}, results
     late = results["test_starts_late_work"]
     assert late["surfaced_later"] and late["nodeid"] == "test_late.py::test_waits_for_late_work"
     assert late["leaks"][0]["state"] == "idle in transaction"
+    warned = run(project, server_url, "--leak-check-mode=warn")
+    assert warned.returncode == 0, warned.stdout + warned.stderr
+    assert "LATE test_late.py::test_starts_late_work" in warned.stdout
 
 
 def test_server_sees_what_the_ledger_cannot(leaky_run):
@@ -447,7 +453,7 @@ def test_a_backend_whose_connect_is_under_way_is_not_a_leak(server_url, tmp_path
 
 def test_a_backend_set_aside_while_connects_were_under_way_is_settled_later(server_url, tmp_path):
     result, report = _connect_under_way(server_url, tmp_path, "gives_it_up")
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr  # both passed; the run fails
     assert "2 passed" in result.stdout
     late = results_by_owner(report)["test_starts_a_connect"]
     assert late["surfaced_later"] and not late["fails"]
@@ -459,7 +465,7 @@ def test_a_backend_set_aside_while_connects_were_under_way_is_settled_later(serv
 
 def test_a_backend_still_set_aside_when_the_run_ends_is_reported(server_url, tmp_path):
     result, report = _connect_under_way(server_url, tmp_path, "leaves_it")
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr
     late = results_by_owner(report)["test_starts_a_connect"]
     assert late["surfaced_later"] and not late["fails"]
     (leak,) = late["leaks"]

@@ -749,6 +749,23 @@ class LeakDetector:
             )
         for line in format_summary(self.outcomes, self.root):
             terminalreporter.line(line)
+        late = self._late_failures()
+        if late:
+            terminalreporter.line(
+                f"{late} leak(s) found after their tests had passed (LATE): the run fails",
+                red=True,
+            )
+
+    def _late_failures(self) -> int:
+        """Leaks found while a later test ran, not allowed: their tests had already passed, so
+        in fail mode the run fails instead."""
+        if settings.resolve(self.config, "leak_check_mode") != "fail":
+            return 0
+        return sum(
+            1
+            for o in self.outcomes
+            if o.get("surfaced_later") and o["leaks"] and o.get("allowed") is None
+        )
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -757,6 +774,8 @@ class LeakDetector:
             # (Under xdist a worker's outcomes travel on its test reports, over by now.)
             late = self._settle_deferred(self.observer.snapshot(), None, final=True)
             self.outcomes += [self._as_dict(outcome) for outcome in late]
+        if session.exitstatus == pytest.ExitCode.OK and self._late_failures():
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
         path = settings.resolve(self.config, "leak_check_report")
         if not path or hasattr(self.config, "workerinput"):
             return
