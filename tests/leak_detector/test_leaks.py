@@ -235,6 +235,72 @@ def test_a_late_leak_left_in_a_transaction_is_only_its_owners(server_url, tmp_pa
     assert "LATE test_late.py::test_starts_late_work" in warned.stdout
 
 
+# SQLAlchemy's "join a session into an external transaction" recipe: a session-scoped
+# connection holds one transaction for the whole run, and each test's session works in a
+# savepoint of it. A module-scoped connection that autobegins is the same case.
+TEST_EXTERNAL_TRANSACTION = """
+import os
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+URL = "postgresql+psycopg://" + os.environ["DATABASE_URL"].split("://", 1)[1]
+
+
+@pytest.fixture(scope="session")
+def connection():
+    engine = sa.create_engine(URL)
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        conn.execute(sa.text("create table items (x int)"))
+        yield conn
+        transaction.rollback()
+    engine.dispose()
+
+
+@pytest.fixture
+def db(connection):
+    with Session(bind=connection, join_transaction_mode="create_savepoint") as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def module_connection():
+    engine = sa.create_engine(URL)
+    with engine.connect() as conn:
+        conn.execute(sa.text("select 1"))  # autobegins, and stays in that transaction
+        yield conn
+    engine.dispose()
+
+
+def test_inserts(db):
+    db.execute(sa.text("insert into items values (1)"))
+    db.flush()
+
+
+def test_counts(db):
+    assert db.execute(sa.text("select count(*) from items")).scalar() == 0
+
+
+def test_module_connection(module_connection):
+    assert module_connection.execute(sa.text("select 2")).scalar() == 2
+"""
+
+
+def test_a_wider_fixtures_own_transaction_is_not_its_first_tests(server_url, tmp_path):
+    project = write_project(tmp_path, INI_AUTO_SESSION, test_external=TEST_EXTERNAL_TRANSACTION)
+    result = run(
+        project,
+        server_url,
+        "--leak-check-fail-on=idle-in-transaction",
+        "--leak-check-report=report.json",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
+    assert load_report(project / "report.json")["results"] == []
+
+
 def test_server_sees_what_the_ledger_cannot(leaky_run):
     _, result, report = leaky_run
     outcome = results_by_owner(report)["test_unseen_connection_from_a_subprocess"]

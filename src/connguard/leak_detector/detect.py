@@ -79,6 +79,10 @@ def _surfaced(leaks: list[Leak], current: str | None) -> list[Outcome]:
     ]
 
 
+def _wider_than_a_test(owner: Owner | None) -> bool:
+    return owner is not None and owner.scope != "function"
+
+
 def _check_markers(item: pytest.Item) -> None:
     settings.check_marker(item)
     for marker in item.iter_markers(ALLOW_MARKER):
@@ -669,9 +673,21 @@ class LeakDetector:
         self, snapshot: dict[int, Backend], leaked: list[Record]
     ) -> list[Warning_]:
         found: list[Warning_] = []
+        fixtures_own: set[int] | None = None
         for backend in self._newly_idle_in_transaction(snapshot):
             pid = backend.pid
             if pid in self._surfaced_pids:
+                continue
+            if fixtures_own is None:
+                # A session- or module-scoped fixture's connection, in a transaction it holds
+                # on purpose (SQLAlchemy's "join into an external transaction" recipe, an
+                # autobegun Connection): the fixture's business, not this test's.
+                fixtures_own = {
+                    r.pid
+                    for r in self.ledger.open_records(_wider_than_a_test)
+                    if r.pid is not None
+                }
+            if pid in fixtures_own:
                 continue
             record = next((r for r in leaked if r.pid == pid), None)
             where = locate(record)[0] if record is not None else None
