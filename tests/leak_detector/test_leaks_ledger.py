@@ -76,10 +76,23 @@ def test_capture_stops_at_the_event_loop():
         ("<frozen runpy>", True),
         ("/src/app/routes/agents.py", False),
         ("/home/me/project/tests/test_db.py", False),
+        # the user's own directory named like a library is still the user's
+        ("/home/me/project/store/sqlalchemy/repo.py", False),
+        ("/home/me/project/app/fastapi/deps.py", False),
     ],
 )
 def test_library_frames_are_trimmed(path, library):
     assert is_library_file(path) is library
+
+
+def test_libraries_are_known_where_they_are_installed():
+    import sqlalchemy.pool
+
+    from connguard.leak_detector import ledger
+
+    assert is_library_file(sqlalchemy.pool.__file__)
+    assert is_library_file(greenlet.__file__)
+    assert is_library_file(ledger.__file__)  # an editable install is no site-packages path
 
 
 def test_the_standard_library_is_trimmed():

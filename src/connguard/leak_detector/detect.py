@@ -683,9 +683,7 @@ class LeakDetector:
                 # on purpose (SQLAlchemy's "join into an external transaction" recipe, an
                 # autobegun Connection): the fixture's business, not this test's.
                 fixtures_own = {
-                    r.pid
-                    for r in self.ledger.open_records(_wider_than_a_test)
-                    if r.pid is not None
+                    r.pid for r in self.ledger.open_records(_wider_than_a_test) if r.pid is not None
                 }
             if pid in fixtures_own:
                 continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import importlib.util
 import os
 import sys
 import sysconfig
@@ -229,6 +230,33 @@ _LIBRARY_PACKAGES = (
     "h11",
 )
 _STDLIB = sysconfig.get_paths().get("stdlib", "") or "\0"
+
+
+def _installed_at(packages: Iterable[str]) -> tuple[str, ...]:
+    """Where these packages are installed (directories end with a slash), found without
+    importing them: a frame is a library's when its file is there, and a user's own
+    `store/sqlalchemy/` directory is not."""
+    found = []
+    for name in packages:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            found += [os.path.join(path, "") for path in spec.submodule_search_locations]
+        elif spec.origin:
+            found.append(spec.origin)
+    return tuple(path.replace("\\", "/") for path in found)
+
+
+# Also by the path an installation has, for a library installed where this interpreter does
+# not look (another virtualenv's site-packages on a subprocess's stack, say).
+_LIBRARY_DIRS = tuple(
+    f"/{where}/{pkg}/" for where in ("site-packages", "dist-packages") for pkg in _LIBRARY_PACKAGES
+)
+_LIBRARY_LOCATIONS = _installed_at(_LIBRARY_PACKAGES)
 # Console scripts (.venv/bin/pytest) and the interpreter's own tree are never the user's code.
 _SCRIPTS = tuple({os.path.join(prefix, "bin") + os.sep for prefix in (sys.prefix, sys.base_prefix)})
 _is_library_cache: dict[str, bool] = {}
@@ -240,10 +268,11 @@ def is_library_file(filename: str) -> bool:
         return cached
     norm = filename.replace("\\", "/")
     result = (
-        norm.startswith("<")
+        (norm.startswith("<") and not norm.startswith("<doctest "))
         or (norm.startswith(_STDLIB) and "site-packages" not in norm)
         or norm.startswith(_SCRIPTS)
-        or any(f"/{pkg}/" in norm or norm.endswith(f"/{pkg}.py") for pkg in _LIBRARY_PACKAGES)
+        or norm.startswith(_LIBRARY_LOCATIONS)
+        or any(directory in norm for directory in _LIBRARY_DIRS)
     )
     _is_library_cache[filename] = result
     return result
