@@ -508,10 +508,14 @@ def load_report(path: Path) -> dict:
 
 
 def results_by_owner(report: dict) -> dict[str, dict]:
-    """owner -> result; a test's owner is its nodeid's last part, a fixture's is its label."""
+    """owner -> result; a test's owner is its nodeid's last part, a fixture's is its label.
+
+    An owner with a finding of its own and one found later (an engine it kept, found
+    undisposed when the run ended) maps to the first."""
     found = {}
     for result in report["results"]:
         owner = result["owner"]
         key = owner.split("::")[-1] if "::" in owner else owner
-        found[key] = result
+        if key not in found or not result["surfaced_later"]:
+            found[key] = result
     return found

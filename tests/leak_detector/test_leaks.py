@@ -223,7 +223,7 @@ def test_a_late_leak_left_in_a_transaction_is_only_its_owners(server_url, tmp_pa
     result = run(project, server_url, "--leak-check-report=report.json", "-rA")
     # Both tests passed; the leak found after its test had passed fails the run instead.
     assert "2 passed" in result.stdout, result.stdout
-    assert "1 leak(s) found after their tests had passed (LATE): the run fails" in result.stdout
+    assert "1 finding(s) made after their tests had passed (LATE): the run fails" in result.stdout
     assert result.returncode == 1, result.stdout + result.stderr
     results = results_by_owner(load_report(project / "report.json"))
     assert set(results) == {"test_starts_late_work"}, results
@@ -301,6 +301,71 @@ def test_a_wider_fixtures_own_transaction_is_not_its_first_tests(server_url, tmp
     assert load_report(project / "report.json")["results"] == []
 
 
+# An application's engine made lazily by the first test that needs it, and kept.
+LAZY_ENGINE_APP = """
+import functools
+import os
+
+import sqlalchemy as sa
+
+
+@functools.lru_cache
+def get_engine():
+    return sa.create_engine("postgresql+psycopg://" + os.environ["DATABASE_URL"].split("://", 1)[1])
+
+
+def count():
+    with get_engine().connect() as conn:
+        return conn.execute(sa.text("select 1")).scalar()
+"""
+
+TEST_LAZY_ENGINE = """
+import lazy_app
+
+
+def test_first():
+    assert lazy_app.count() == 1
+
+
+def test_second():
+    assert lazy_app.count() == 1
+"""
+
+DISPOSED_AT_THE_END = """
+import pytest
+
+import lazy_app
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dispose_engine():
+    yield
+    lazy_app.get_engine().dispose()
+"""
+
+
+def test_an_engine_kept_by_the_app_is_judged_when_the_run_ends(server_url, tmp_path):
+    project = write_project(
+        tmp_path,
+        INI_AUTO_SESSION + "pythonpath = .\n",
+        lazy_app=LAZY_ENGINE_APP,
+        test_lazy=TEST_LAZY_ENGINE,
+    )
+    kept = run(project, server_url, "--leak-check-report=report.json")
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    assert "LATE test_lazy.py::test_first: engine [found when the run ended]" in kept.stdout
+    (late,) = load_report(project / "report.json")["results"]
+    assert late["surfaced_later"] and late["owner"] == "test_lazy.py::test_first"
+    assert [w["category"] for w in late["warnings"]] == ["engine"]
+    failing = run(project, server_url, "--leak-check-fail-on=engine")
+    assert failing.returncode == 1 and "2 passed" in failing.stdout, failing.stdout
+    # Disposed when the run ends, by a session fixture: nothing to say.
+    (project / "conftest.py").write_text(DISPOSED_AT_THE_END)
+    disposed = run(project, server_url, "--leak-check-report=report.json")
+    assert disposed.returncode == 0, disposed.stdout + disposed.stderr
+    assert load_report(project / "report.json")["results"] == []
+
+
 def test_server_sees_what_the_ledger_cannot(leaky_run):
     _, result, report = leaky_run
     outcome = results_by_owner(report)["test_unseen_connection_from_a_subprocess"]
@@ -315,6 +380,11 @@ def test_server_sees_what_the_ledger_cannot(leaky_run):
 def test_undisposed_engine_is_a_warning_by_default(leaky_run):
     _, result, report = leaky_run
     results = results_by_owner(report)
+    # An engine the test kept (KEEP) is judged when the run ends: never disposed by then.
+    (kept,) = [
+        o for o in report["results"] if o["surfaced_later"] and "test_thread_sync" in o["owner"]
+    ]
+    assert [w["category"] for w in kept["warnings"]] == ["engine"] and not kept["leaks"]
     engine = results["test_undisposed_engine"]
     assert not engine["fails"] and not engine["leaks"]
     assert [w["category"] for w in engine["warnings"]] == ["engine"]

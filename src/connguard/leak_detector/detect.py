@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import weakref
 from dataclasses import asdict
 from typing import Any
 
@@ -136,6 +137,8 @@ class LeakDetector:
         # Backends of earlier tests' leaks found at this test's check (_collect_surfaced):
         # their state is part of those leaks, not this test's.
         self._surfaced_pids: set[int] = set()
+        # Undisposed engines and pools still reachable when their owners ended (_kept_elsewhere).
+        self._kept_pools: list[PoolInfo] = []
         self._usage_errors: dict[str, str] = {}
         self._marked = False
         self._marked_ids: set[str] = set()  # tests with @pytest.mark.leak_check, from collection
@@ -482,7 +485,10 @@ class LeakDetector:
         for info in pools:
             if info.undisposed():
                 info.reported = True
-                warnings_.append(self._pool_warning(info))
+                if self._kept_elsewhere(info):
+                    self._kept_pools.append(info)  # judged when the run ends
+                else:
+                    warnings_.append(self._pool_warning(info))
         if test_level:
             warnings_ += self._threshold_warnings(item)
         if snapshot is not None:
@@ -633,6 +639,36 @@ class LeakDetector:
         leak.static_check = self._static.verdict(opened)
         return leak
 
+    @staticmethod
+    def _kept_elsewhere(info: PoolInfo) -> bool:
+        """Whether an undisposed engine or pool outlives its owner: still reachable after a
+        full collection (a full collection costs tens of milliseconds, and this is the rare
+        case). Such a one is an application's own (an @lru_cache'd get_engine(), a module
+        global, app state), which may well be disposed when the run ends; one made per call
+        is garbage by now. An asyncpg pool, held by the ledger itself, cannot be told."""
+        if not isinstance(info.ref, weakref.ref) or info.target() is None:
+            return False
+        gc.collect()
+        return info.target() is not None
+
+    def _never_disposed(self) -> list[Outcome]:
+        """Engines and pools kept past their owners (see _kept_elsewhere) and still not disposed
+        now that every fixture is torn down: one outcome per owner, as found after its test."""
+        fail_on = self._setting("leak_check_fail_on", None)
+        outcomes: dict[str, Outcome] = {}
+        for info in self._kept_pools:
+            if not info.undisposed():
+                continue
+            owner = info.owner.label if info.owner is not None else "?"
+            outcome = outcomes.setdefault(
+                owner, Outcome(owner=owner, nodeid=owner, surfaced_later=True)
+            )
+            warning = self._pool_warning(info)
+            warning.fails = warning.category in fail_on
+            outcome.warnings.append(warning)
+        self._kept_pools = []
+        return list(outcomes.values())
+
     def _pool_warning(self, info: PoolInfo) -> Warning_:
         frames = user_frames(info.frames)
         where = location(*frames[0]) if frames else None
@@ -766,7 +802,7 @@ class LeakDetector:
         late = self._late_failures()
         if late:
             terminalreporter.line(
-                f"{late} leak(s) found after their tests had passed (LATE): the run fails",
+                f"{late} finding(s) made after their tests had passed (LATE): the run fails",
                 red=True,
             )
 
@@ -778,7 +814,10 @@ class LeakDetector:
         return sum(
             1
             for o in self.outcomes
-            if o.get("surfaced_later") and o["leaks"] and o.get("allowed") is None
+            if o.get("surfaced_later")
+            and (
+                (o["leaks"] and o.get("allowed") is None) or any(w["fails"] for w in o["warnings"])
+            )
         )
 
     @pytest.hookimpl(tryfirst=True)
@@ -788,6 +827,8 @@ class LeakDetector:
             # (Under xdist a worker's outcomes travel on its test reports, over by now.)
             late = self._settle_deferred(self.observer.snapshot(), None, final=True)
             self.outcomes += [self._as_dict(outcome) for outcome in late]
+        if self._kept_pools:
+            self.outcomes += [self._as_dict(outcome) for outcome in self._never_disposed()]
         if session.exitstatus == pytest.ExitCode.OK and self._late_failures():
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         path = settings.resolve(self.config, "leak_check_report")

@@ -230,7 +230,12 @@ def format_summary(outcomes: list[dict[str, Any]], root: str | None = None) -> l
             where = f" (opened at {_relative(first['path'], root)}:{first['line']})"
         later = ""
         if outcome.get("surfaced_later"):
-            later = f" [found during {outcome['nodeid']}]"
+            found = outcome["nodeid"]
+            later = (
+                " [found when the run ended]"
+                if found == outcome["owner"]
+                else f" [found during {found}]"
+            )
         lines.append(f"{status} {outcome['owner']}: {', '.join(parts)}{where}{later}")
     return lines
 
