@@ -359,6 +359,12 @@ def test_an_engine_kept_by_the_app_is_judged_when_the_run_ends(server_url, tmp_p
     assert [w["category"] for w in late["warnings"]] == ["engine"]
     failing = run(project, server_url, "--leak-check-fail-on=engine")
     assert failing.returncode == 1 and "2 passed" in failing.stdout, failing.stdout
+    # Under xdist each worker's app makes its own, found when that worker's run ends.
+    spread = run(project, server_url, "--leak-check-report=report.json", "-p", "xdist", "-n", "2")
+    assert spread.returncode == 0, spread.stdout + spread.stderr
+    late = load_report(project / "report.json")["results"]
+    assert late and all(o["surfaced_later"] for o in late), late
+    assert {w["category"] for o in late for w in o["warnings"]} == {"engine"}
     # Disposed when the run ends, by a session fixture: nothing to say.
     (project / "conftest.py").write_text(DISPOSED_AT_THE_END)
     disposed = run(project, server_url, "--leak-check-report=report.json")

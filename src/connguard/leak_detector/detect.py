@@ -114,6 +114,10 @@ class _WorkerOutcomes:
             if name == _PROPERTY:
                 self.outcomes.append(value)
 
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        # What a worker found when its run ended (LeakDetector.pytest_sessionfinish).
+        self.outcomes += getattr(node, "workeroutput", {}).get(_PROPERTY, ())
+
 
 class LeakDetector:
     def __init__(self, config: pytest.Config, database: Any, server: Any = None) -> None:
@@ -822,13 +826,19 @@ class LeakDetector:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        late: list[Outcome] = []
         if self._deferred and self.observer is not None:
             # Set aside at the last tests while connects were under way; none will finish now.
-            # (Under xdist a worker's outcomes travel on its test reports, over by now.)
-            late = self._settle_deferred(self.observer.snapshot(), None, final=True)
-            self.outcomes += [self._as_dict(outcome) for outcome in late]
+            late += self._settle_deferred(self.observer.snapshot(), None, final=True)
         if self._kept_pools:
-            self.outcomes += [self._as_dict(outcome) for outcome in self._never_disposed()]
+            late += self._never_disposed()
+        if late:
+            found = [self._as_dict(outcome) for outcome in late]
+            self.outcomes += found
+            workeroutput = getattr(self.config, "workeroutput", None)
+            if workeroutput is not None:
+                # An xdist worker's test reports are over: these travel with its goodbye.
+                workeroutput[_PROPERTY] = found
         if session.exitstatus == pytest.ExitCode.OK and self._late_failures():
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         path = settings.resolve(self.config, "leak_check_report")
