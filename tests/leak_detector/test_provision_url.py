@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -160,3 +161,27 @@ def test_xdist_workers_get_a_database_each_on_the_url_server(pytester, server_ur
     names = {path.read_text() for path in out_dir.iterdir()}
     assert len(names) == 2 and all(name.startswith("connguard_") for name in names)
     assert databases(server_url) == before
+
+
+def test_a_role_without_createdb_is_one_line_naming_what_it_needs(pytester, server_url):
+    import psycopg
+
+    role = f"no_createdb_{os.getpid()}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' NOCREATEDB")
+    try:
+        pytester.makepyfile("def test_ok(connguard_database):\n    pass\n")
+        url = server_url.replace(f"postgres:{PASSWORD}@", f"{role}:pw@")
+        result = run_pytest(pytester.path, "--leak-check", "--leak-check-db=url",
+                            f"--leak-check-db-url={url}")  # fmt: skip
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f"DROP ROLE {role}")
+    assert result.returncode == 4, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1
+    assert "the url backend failed: cannot create database connguard_" in errors[0]
+    assert "permission denied to create database" in errors[0]
+    assert f"ALTER ROLE {role} CREATEDB" in errors[0]
+    assert "Traceback" not in result.stderr
+

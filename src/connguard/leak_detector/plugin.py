@@ -137,7 +137,7 @@ class LeakCheckRun:
     # -- start
 
     def start(self) -> None:
-        from .provision import Server, run_tag
+        from .provision import ProvisionError, Server, run_tag
 
         atexit.register(self.finish)
         self._convert_sigterm()
@@ -152,7 +152,12 @@ class LeakCheckRun:
             self._saved_shared = os.environ.get(SHARED_ENV)
             os.environ[SHARED_ENV] = json.dumps(self._shared_info())
         if not self.is_controller:
-            self.database = self._create_database()
+            try:
+                self.database = self._create_database()
+            except ProvisionError as error:
+                raise pytest.UsageError(
+                    f"connguard: the {self.server.backend} backend failed: {error}"
+                ) from None
         if self.url_env:
             # The xdist controller runs no test but still imports conftest files, and apps read
             # their URL at import: give it the server's maintenance database so imports work.
