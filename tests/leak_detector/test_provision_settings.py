@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -231,3 +232,24 @@ def test_bad_marker_stops_a_leak_check_run(pytester):
     result = run_pytest(pytester.path, "--leak-check", "--leak-check-db=local")
     assert result.returncode == 4, result.stdout + result.stderr
     assert "@pytest.mark.leak_check(mode='loud') (marker on test_bad_marker_stops" in result.stderr
+
+
+def test_without_psycopg_it_is_one_line_naming_the_extra(pytester, tmp_path):
+    # An installed psycopg shadowed by one that cannot be imported, as in an environment
+    # without the `leak` extra.
+    shadow = tmp_path / "shadow"
+    (shadow / "psycopg").mkdir(parents=True)
+    (shadow / "psycopg" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'psycopg'\", name='psycopg')\n"
+    )
+    pytester.makepyfile("def test_ok():\n    pass\n")
+    paths = [str(shadow), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    result = run_pytest(pytester.path, "--leak-check", "--leak-check-db=local",
+                        env={"PYTHONPATH": os.pathsep.join(paths)})  # fmt: skip
+    assert result.returncode == 4, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1
+    assert "No module named 'psycopg'" in errors[0]
+    assert "pip install 'connguard[leak]'" in errors[0]
+    assert "Traceback" not in result.stderr
+

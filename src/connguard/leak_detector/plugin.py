@@ -139,6 +139,7 @@ class LeakCheckRun:
     def start(self) -> None:
         from .provision import ProvisionError, Server, run_tag
 
+        _require_psycopg()
         atexit.register(self.finish)
         self._convert_sigterm()
         if self.shared:
@@ -345,6 +346,19 @@ class LeakCheckRun:
         with contextlib.suppress(ValueError):  # not the main thread
             if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
                 self._saved_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _require_psycopg() -> None:
+    # Every backend is reached through psycopg, which only the `leak` extra installs; without
+    # it the first connect would end the run in a traceback from the janitor.
+    try:
+        import psycopg  # noqa: F401
+    except ImportError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "not importable"
+        raise pytest.UsageError(
+            f"connguard: --leak-check needs psycopg 3 ({reason}); "
+            "install it with: pip install 'connguard[leak]'"
+        ) from None
 
 
 def _shared_run(config: pytest.Config) -> dict | None:
