@@ -185,3 +185,22 @@ def test_a_role_without_createdb_is_one_line_naming_what_it_needs(pytester, serv
     assert f"ALTER ROLE {role} CREATEDB" in errors[0]
     assert "Traceback" not in result.stderr
 
+
+@pytest.mark.parametrize("given", ["option", "env"])
+def test_auto_does_not_replace_a_url_it_was_given(pytester, given):
+    pytester.makepyfile("def test_ok(connguard_database):\n    pass\n")
+    url = "postgresql://someone:hunter2@127.0.0.1:1/postgres"
+    args, env = ("--leak-check",), {}
+    if given == "option":
+        args += (f"--leak-check-db-url={url}",)
+    else:
+        env["CONNGUARD_DATABASE_URL"] = url
+    result = run_pytest(pytester.path, *args, env=env)
+    explicit = run_pytest(pytester.path, "--leak-check", "--leak-check-db=url",
+                          f"--leak-check-db-url={url}")  # fmt: skip
+    assert result.returncode == 4, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert errors == [line for line in explicit.stderr.splitlines() if line.startswith("ERROR:")]
+    assert "the url backend failed: cannot connect to postgresql://someone:***@" in errors[0]
+    assert "hunter2" not in result.stdout + result.stderr
+    assert "backend local" not in result.stdout

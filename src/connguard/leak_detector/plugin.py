@@ -172,6 +172,10 @@ class LeakCheckRun:
 
         janitor.reap_stale()
         choice = settings.resolve(self.config, "leak_check_db")
+        if choice == "auto" and settings.resolve(self.config, "leak_check_db_url"):
+            # A URL the user gave is the server they mean: falling back to a local cluster
+            # would turn a wrong password or host into a green run against something else.
+            choice = "url"
         names = BACKEND_ORDER if choice == "auto" else (choice,)
         failures: list[str] = []
         for name in names:
