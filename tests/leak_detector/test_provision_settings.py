@@ -253,3 +253,36 @@ def test_without_psycopg_it_is_one_line_naming_the_extra(pytester, tmp_path):
     assert "pip install 'connguard[leak]'" in errors[0]
     assert "Traceback" not in result.stderr
 
+
+@pytest.mark.parametrize("path", ["/proc/nope/r.json", "a_directory"])
+def test_a_report_path_that_cannot_be_written_stops_the_run_before_it(pytester, path):
+    pytester.mkdir("a_directory")
+    pytester.makepyfile("def test_ok():\n    pass\n")
+    result = run_pytest(pytester.path, "--leak-check", f"--leak-check-report={path}")
+    assert result.returncode == 4, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1
+    assert f"--leak-check-report='{path}' (command line): cannot write the report" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not list(pytester.path.glob("*.tmp")) and not list(pytester.path.glob("a_directory/*"))
+
+
+def test_a_report_that_cannot_be_written_at_the_end_is_one_line_and_fails_the_run(pytester):
+    pytester.makepyfile(
+        """
+        import os
+
+        def test_takes_the_reports_place(connguard_database):
+            os.mkdir("report.json")
+        """
+    )
+    result = run_pytest(pytester.path, "--leak-check", "--leak-check-db=local",
+                        "--leak-check-report=report.json")  # fmt: skip
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if "cannot write the leak report" in line]
+    report = pytester.path / "report.json"
+    assert errors == [f"ERROR: connguard: cannot write the leak report {report}: Is a directory"]
+    assert "Traceback" not in output and "INTERNALERROR" not in output
+    assert not list(pytester.path.glob("*.tmp"))

@@ -49,7 +49,7 @@ from .report import (
     format_summary,
     locate,
     location,
-    write_json,
+    write_report,
 )
 
 ALLOW_MARKER = "allow_connection_leak"
@@ -846,7 +846,8 @@ class LeakDetector:
             return
         base = str(self.config.invocation_params.dir)
         target = path if os.path.isabs(path) else os.path.join(base, path)
-        write_json(
+        write_report(
+            session,
             target,
             self.outcomes,
             {

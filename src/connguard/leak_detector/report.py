@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import linecache
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from .ledger import Record, user_frames
 from .observer import Backend
@@ -250,5 +253,29 @@ def write_json(path: str | Path, outcomes: list[dict[str, Any]], meta: dict[str,
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(target)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.replace(target)
+    except OSError:
+        # A half-written report must not be mistaken for one (nor left next to the target).
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_report(
+    session: pytest.Session, path: str, outcomes: list[dict[str, Any]], meta: dict[str, Any]
+) -> None:
+    """write_json after the last test; a path that fails now (it was checked before the run)
+    is one line on the terminal and a failed run, not a traceback after the results."""
+    try:
+        write_json(path, outcomes, meta)
+    except OSError as error:
+        line = f"ERROR: connguard: cannot write the leak report {path}: {error.strerror or error}"
+        terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+        if terminal is not None:
+            terminal.ensure_newline()
+            terminal.write_line(line, red=True, bold=True)
+        else:
+            print(line, file=sys.stderr)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR

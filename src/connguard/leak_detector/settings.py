@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -361,3 +363,36 @@ def validate_all(config: pytest.Config) -> None:
     """Resolve every run-wide setting now, so a bad value stops the run before any work."""
     for name in SETTINGS:
         resolve(config, name)
+    _check_report_path(config)
+
+
+def _check_report_path(config: pytest.Config) -> None:
+    # The report is written after the last test: a path that cannot take it should stop the
+    # run now, not throw away its results.
+    setting = SETTINGS["leak_check_report"]
+    path = resolve(config, setting.name)
+    if not path:
+        return
+    problem = _unwritable(Path(config.invocation_params.dir, path))
+    if problem:
+        source = next(_raw_sources(config, setting))[1]
+        raise pytest.UsageError(f"{source}: cannot write the report there: {problem}")
+
+
+def _unwritable(target: Path) -> str | None:
+    """Why a file could not be written at `target` (its missing directories made), or None."""
+    existing = target.parent
+    try:
+        if target.is_dir():
+            return f"{target} is a directory"
+        while not existing.exists():  # the report's writer makes the missing directories
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{existing} is not a directory"
+        # Permission bits do not answer this for root or a read-only mount; a file does.
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".connguard-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        return f"cannot create a file in {existing}: {error.strerror or error}"
+    return None
