@@ -199,3 +199,28 @@ def test_the_janitor_runs_after_every_other_unconfigure_and_sessionfinish(pytest
                         env={"OUT_FILE": str(out)})  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert out.read_text().splitlines() == ["sessionfinish ok", "unconfigure ok"]
+
+
+def test_a_session_scoped_fixture_may_build_on_the_database(pytester):
+    # How an app's engine fixture is written: once per run, on the run's database.
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def dbname(connguard_database):
+            return connguard_database.dbname
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("n", range(2))
+        def test_same(n, dbname, connguard_database):
+            assert dbname == connguard_database.dbname
+        """
+    )
+    result = run_pytest(pytester.path, "--leak-check", "--leak-check-db=local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout

@@ -98,9 +98,17 @@ def connguard_server(request: pytest.FixtureRequest):
     return run.server
 
 
-@pytest.fixture
+def _database_scope(fixture_name: str, config: pytest.Config) -> str:
+    # Session scope lets a session-scoped engine fixture build on it; a fresh database per
+    # test can only be handed out per test.
+    run = _run_of(config)
+    return "function" if run is not None and run.per_test else "session"
+
+
+@pytest.fixture(scope=_database_scope)
 def connguard_database(request: pytest.FixtureRequest):
-    """This test's database: `.url` (libpq), `.sqlalchemy_url("asyncpg" | "psycopg")`."""
+    """The run's (or xdist worker's) database, session-scoped; with --leak-check-db-per-test,
+    a fresh clone per test. `.url` (libpq), `.sqlalchemy_url("asyncpg" | "psycopg")`."""
     run = _run_of(request.config)
     if run is None or run.database is None:
         pytest.fail("connguard_database needs --leak-check (or CONNGUARD_LEAK_CHECK=1)", False)
