@@ -1011,6 +1011,9 @@ class ModuleAnalysis:
             spec = self.value_binding(value, info)
             if spec is None or spec.managed:
                 continue
+            if type(_unwrap_await(value)[0]) is not cst.Call and spec.kind != "maker":
+                # `return engine`: hands out the module's one engine, made by nobody's call
+                continue
             if (spec.call is not None and spec.call.managed) or spec.methods:
                 return spec
         return None
@@ -1019,7 +1022,8 @@ class ModuleAnalysis:
         for _ in range(3):
             changed = False
             for info in self.functions:
-                if info.product is not None or not info.calls:
+                # (`return AsyncSessionLocal` makes a maker factory without a call of its own)
+                if info.product is not None or not (info.calls or info.returns):
                     continue
                 product = self._factory_product(info) or self._maker_product(info)
                 if product is None:

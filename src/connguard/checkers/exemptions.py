@@ -264,6 +264,20 @@ async def fetch(query):
     async with (session := AsyncSessionLocal()):
         return await session.execute(query)
 """,
+    "module-engine-getter": """
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+engine = create_async_engine("postgresql+asyncpg://localhost/app")
+
+def get_engine():
+    return engine
+
+async def count():
+    shared = get_engine()
+    async with shared.connect() as conn:
+        return await conn.scalar(text("select 1"))
+""",
     "ownership-sink": """
 import asyncio
 from sqlalchemy.ext.asyncio import async_sessionmaker

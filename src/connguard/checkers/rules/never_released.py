@@ -201,6 +201,16 @@ async def list_agents(query):
 """,
         PRELUDE
         + """
+def get_sessionmaker():
+    return AsyncSessionLocal
+
+async def list_agents(query):
+    maker = get_sessionmaker()
+    session = maker()  # CG101
+    return (await session.execute(query)).scalars().all()
+""",
+        PRELUDE
+        + """
 async def early_return(query, flag):
     session = AsyncSessionLocal()  # CG101
     if flag:
