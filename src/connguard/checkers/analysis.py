@@ -2644,7 +2644,11 @@ class FunctionAnalysis:
                 finally:
                     self.in_cleanup -= 1
                 flow.absorb(result)
-            if ex.is_catch_all_handler(handler):
+                if ex.is_catch_all_handler(handler) and (
+                    ex.catches_cancellation(handler) or _releases(start, result)
+                ):
+                    caught_all = True
+            elif ex.is_catch_all_handler(handler):
                 caught_all = True
         if not caught_all and not synthetic:
             flow.exc.extend(exc_in)
@@ -2769,6 +2773,16 @@ class FunctionAnalysis:
             self.expect_failure -= expects
         flow.absorb(body)
         return flow
+
+
+def _releases(start: list[Path], result: Flow) -> bool:
+    """Whether a handler entered with `start` releases (or hands on) something open there."""
+    opened = {rid for path in start for rid, status in path.status.items() if status == OPEN}
+    for bucket in (result.normal, result.exc, result.ret, result.brk, result.cont):
+        for path in bucket:
+            if any(path.status.get(rid) != OPEN for rid in opened):
+                return True
+    return False
 
 
 def _bound_to_connection(call: cst.CSTNode) -> bool:

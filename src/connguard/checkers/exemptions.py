@@ -99,10 +99,12 @@ _RELEASE_WORDS = (
     "disconnect",
     "free",
 )
-# Handler types that catch the exception a pending close must survive. `Exception` is accepted
-# too: code that closes and re-raises in `except Exception` is written with release intent, and
-# flagging it would be noise.
-_CATCH_ALL = frozenset({"BaseException", "Exception", "CancelledError", "GeneratorExit"})
+# Handler types that catch the exception a pending close must survive, cancellation included.
+# `Exception` (which lets CancelledError through) counts too when the handler releases the
+# resource: code that closes and re-raises in `except Exception` is written with release
+# intent, and flagging it would be noise. One that swallows and closes after the `try` is not.
+_CANCELLATION_TOO = frozenset({"BaseException", "CancelledError", "GeneratorExit"})
+_CATCH_ALL = _CANCELLATION_TOO | {"Exception"}
 
 
 def is_exit_stack_method(method: str) -> bool:
@@ -132,19 +134,26 @@ def is_constructor_name(callee: str) -> bool:
     return bool(callee) and callee[0].isupper() and not callee.isupper()
 
 
-def is_catch_all_handler(handler: cst.ExceptHandler | cst.ExceptStarHandler) -> bool:
+def is_catch_all_handler(
+    handler: cst.ExceptHandler | cst.ExceptStarHandler, names: frozenset[str] = _CATCH_ALL
+) -> bool:
     """`except:`, `except BaseException:`, `except Exception:` (and tuples containing them)."""
     kind = handler.type
     if kind is None:
         return True
-    names = kind.elements if isinstance(kind, cst.Tuple) else (kind,)
-    for item in names:
+    caught = kind.elements if isinstance(kind, cst.Tuple) else (kind,)
+    for item in caught:
         expr = item.value if isinstance(item, cst.Element) else item
-        if isinstance(expr, cst.Name) and expr.value in _CATCH_ALL:
+        if isinstance(expr, cst.Name) and expr.value in names:
             return True
-        if isinstance(expr, cst.Attribute) and expr.attr.value in _CATCH_ALL:
+        if isinstance(expr, cst.Attribute) and expr.attr.value in names:
             return True
     return False
+
+
+def catches_cancellation(handler: cst.ExceptHandler | cst.ExceptStarHandler) -> bool:
+    """`except:`, `except BaseException:`, `except asyncio.CancelledError:`: not `Exception`."""
+    return is_catch_all_handler(handler, _CANCELLATION_TOO)
 
 
 def is_generator_cm_decorator(last_name: str) -> bool:

@@ -145,6 +145,16 @@ async def fetch(query):
 """,
         PRELUDE
         + """
+async def fetch(query):
+    session = AsyncSessionLocal()  # CG102
+    try:
+        await session.execute(query)
+    except Exception:  # swallowed; CancelledError is no Exception, and skips the close
+        pass
+    await session.close()
+""",
+        PRELUDE
+        + """
 ReplicaSession = async_sessionmaker(engine)
 
 async def fetch(query, replica):
