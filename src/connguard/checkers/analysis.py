@@ -1371,7 +1371,7 @@ class _GiveUp(Exception):
 
 
 class Path:
-    __slots__ = ("held", "status", "consts", "exc")
+    __slots__ = ("held", "status", "consts", "exc", "unused")
 
     def __init__(
         self,
@@ -1379,14 +1379,20 @@ class Path:
         status: dict[int, int],
         consts: dict[str, object],
         exc: bool = False,
+        unused: set[int] | None = None,
     ):
         self.held = held
         self.status = status
         self.consts = consts
         self.exc = exc  # reached through an exception handler: a leak here is an error-path leak
+        # Sessions not used yet on this path: a SQLAlchemy session takes a connection at its
+        # first query, so an exception before that strands nothing.
+        self.unused = unused if unused is not None else set()
 
     def copy(self) -> Path:
-        return Path(dict(self.held), dict(self.status), dict(self.consts), self.exc)
+        return Path(
+            dict(self.held), dict(self.status), dict(self.consts), self.exc, set(self.unused)
+        )
 
     def key(self) -> tuple:
         return (
@@ -1394,6 +1400,7 @@ class Path:
             tuple(sorted(self.status.items())),
             tuple(sorted((k, repr(v)) for k, v in self.consts.items())),
             self.exc,
+            tuple(sorted(self.unused)),
         )
 
     def open_any(self) -> bool:
@@ -1527,6 +1534,10 @@ CONTAINER = Use("container")
 CAPTURE = Use("capture")
 
 
+# Session methods that only touch its in-memory state: none takes a connection.
+_IN_MEMORY_METHODS = frozenset({"add", "add_all", "expunge", "expunge_all", "is_modified"})
+
+
 class FunctionAnalysis:
     def __init__(self, module: ModuleAnalysis, info: FunctionInfo) -> None:
         self.m = module
@@ -1610,7 +1621,8 @@ class FunctionAnalysis:
         for path in flow.normal + flow.ret:
             for rid, status in path.status.items():
                 if status == OPEN and path.exc and rid not in self.created_in_handler:
-                    self.fates[rid].leak_exception = True
+                    if rid not in path.unused:
+                        self.fates[rid].leak_exception = True
                 elif status == OPEN:
                     fate = self.fates[rid]
                     fate.leak_normal = True
@@ -1620,7 +1632,7 @@ class FunctionAnalysis:
                         )
         for path in flow.exc:
             for rid, status in path.status.items():
-                if status == OPEN:
+                if status == OPEN and rid not in path.unused:
                     self.fates[rid].leak_exception = True
         for earlier, later in self.alternative_of.items():
             self._share_fate(self.fates[earlier], self.fates[later])
@@ -2252,6 +2264,8 @@ class FunctionAnalysis:
             self.created_in_handler.add(rid)
         if action == "bind":
             path.status[rid] = OPEN
+            if spec.kind == "session":
+                path.unused.add(rid)
             for name in extra:
                 earlier = bound.get(name)
                 if use.cond and earlier is not None and earlier != rid:
@@ -2296,6 +2310,8 @@ class FunctionAnalysis:
     ) -> None:
         spec = self.specs[rid]
         fate = self.fates[rid]
+        if rid in path.unused and not (use.kind == "method" and use.method in _IN_MEMORY_METHODS):
+            path.unused.discard(rid)
         action, extra = self.decide(use, spec, False)
         if action == "bind":
             if not exc_mode:

@@ -287,6 +287,20 @@ async def count():
     async with shared.connect() as conn:
         return await conn.scalar(text("select 1"))
 """,
+    "unused-session": """
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+AsyncSessionLocal = async_sessionmaker()
+
+async def fetch(query, load_options, item):
+    session = AsyncSessionLocal()  # holds no connection until its first query
+    session.add(item)
+    options = await load_options()
+    try:
+        return await session.execute(query, execution_options=options)
+    finally:
+        await session.close()
+""",
     "ownership-sink": """
 import asyncio
 from sqlalchemy.ext.asyncio import async_sessionmaker

@@ -13,7 +13,9 @@ class NotReleasedOnError(Rule):
         the creation and the release skips it (the release is not in `finally`, not in an
         `async with`, not in an `except` that re-raises). The points that count are every
         `await` (where cancellation lands) and every call on or with the resource itself; a
-        log line or a metric between the creation and the `try` does not. Also the generator
+        log line or a metric between the creation and the `try` does not, and neither does
+        anything before a SQLAlchemy session's first use (it takes a connection at its first
+        query; `add()` takes none). Also the generator
         dependency or `@asynccontextmanager` that closes after `yield` without `try/finally`:
         an exception in the endpoint is thrown in at the `yield`. An exception that is caught
         and swallowed before the close is reported here too.
@@ -142,6 +144,17 @@ async def fetch(query):
     result = await session.execute(query)
     await session.close()
     return result
+""",
+        PRELUDE
+        + """
+async def fetch(query, load_options):
+    session = AsyncSessionLocal()  # CG102
+    await session.execute(query)  # the session holds a connection from here
+    options = await load_options()
+    try:
+        return await session.execute(query, execution_options=options)
+    finally:
+        await session.close()
 """,
         PRELUDE
         + """
