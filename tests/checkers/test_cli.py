@@ -194,6 +194,25 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, body, needle):
     assert needle in result.stderr and "pyproject.toml" in result.stderr
 
 
+def test_a_pyproject_that_is_not_toml_and_not_ours_is_passed_over(tmp_path):
+    # A cookiecutter template's pyproject.toml is Jinja until rendered; it cannot configure us.
+    write(
+        tmp_path,
+        {
+            "pyproject.toml": "[tool.connguard]\nselect = ['CG101']\n",
+            "template/{{cookiecutter.name}}/pyproject.toml": "name = {{ cookiecutter.name }}\n",
+            "template/{{cookiecutter.name}}/app.py": LEAK,
+            "a.py": LEAK,
+        },
+    )
+    result = run(".", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert {path for path, _, _ in codes_at(result.stdout)} == {
+        "a.py",
+        "template/{{cookiecutter.name}}/app.py",
+    }
+
+
 def test_extra_factories_from_pyproject(tmp_path):
     write(tmp_path, EXTRA_FACTORY_PROJECT)
     result = run("use.py", cwd=tmp_path)

@@ -217,6 +217,15 @@ def _load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
+def _may_configure_us(path: Path) -> bool:
+    """Whether a pyproject.toml that does not parse could hold [tool.connguard]: any spelling
+    of that table names us."""
+    try:
+        return b"connguard" in path.read_bytes()
+    except OSError:
+        return True
+
+
 def find_pyproject(start: Path) -> tuple[Path, dict[str, Any]] | None:
     """The nearest pyproject.toml above `start` that has a [tool.connguard] table, parsed."""
     try:
@@ -228,7 +237,12 @@ def find_pyproject(start: Path) -> tuple[Path, dict[str, Any]] | None:
     for directory in (here, *here.parents):
         candidate = directory / "pyproject.toml"
         if candidate.is_file():
-            data = _load_toml(candidate)
+            try:
+                data = _load_toml(candidate)
+            except ConfigError:
+                if not _may_configure_us(candidate):
+                    continue  # not TOML yet (a cookiecutter template's), and nothing of ours
+                raise
             tool = data.get("tool")
             if isinstance(tool, dict) and "connguard" in tool:
                 return candidate, data
