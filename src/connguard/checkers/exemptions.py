@@ -203,6 +203,19 @@ def is_shared_product(decorators: Iterable[str]) -> bool:
     )
 
 
+def keeps_no_connections(call: cst.CSTNode) -> bool:
+    """`create_async_engine(url, poolclass=NullPool)`: every connection is closed when it is
+    released, so an engine never disposed holds none."""
+    if type(call) is not cst.Call:
+        return False
+    for arg in call.args:
+        if arg.keyword is not None and arg.keyword.value == "poolclass":
+            value = arg.value
+            name = value.attr.value if type(value) is cst.Attribute else getattr(value, "value", "")
+            return name == "NullPool"
+    return False
+
+
 def is_memoized_getter(returns: Iterable[cst.BaseExpression], self_name: str, attr: str) -> bool:
     """`self._engine = create_async_engine(...); return self._engine`: a lazy getter hands the one
     cached resource to every caller, and whoever asked for it (an app's shutdown hook) releases
@@ -300,6 +313,16 @@ async def fetch(query, load_options, item):
         return await session.execute(query, execution_options=options)
     finally:
         await session.close()
+""",
+    "null-pool-engine": """
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+async def count(url):
+    engine = create_async_engine(url, poolclass=NullPool)
+    async with engine.connect() as conn:
+        return await conn.scalar(text("select 1"))
 """,
     "ownership-sink": """
 import asyncio

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..exemptions import keeps_no_connections
 from .base import Rule, advice, is_pool_like
 
 
@@ -10,7 +11,8 @@ class EngineNotDisposed(Rule):
     What it does:
         Flags `create_async_engine(...)`, `asyncpg.create_pool(...)`, `AsyncConnectionPool(...)`
         and similar engines and pools created inside a function, or stored on an object whose
-        class never disposes or closes them, when no path disposes them.
+        class never disposes or closes them, when no path disposes them. An engine made with
+        `poolclass=NullPool` keeps no connections, and is not flagged.
 
     Why is this bad?
         An engine or pool owns a set of connections. Created per call and never disposed, each
@@ -41,7 +43,7 @@ class EngineNotDisposed(Rule):
     def check(self, fate) -> None:
         if fate.owner != "function" or not fate.leak_normal or not is_pool_like(fate):
             return
-        if fate.unawaited is not None:
+        if fate.unawaited is not None or keeps_no_connections(fate.node):
             return
         problem = fate.reason or "never closed"
         if fate.spec.kind == "engine":
