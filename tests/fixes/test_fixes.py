@@ -61,6 +61,41 @@ def test_golden(shape):
 
 
 DECLINED = {
+    "coroutine_returned": (
+        """
+        import asyncpg
+
+        async def fetch_later(pool, q):
+            conn = await pool.acquire()
+            return conn.fetch(q)
+        """,
+        "`conn.fetch` is returned without being awaited",
+    ),
+    "coroutine_in_a_task": (
+        """
+        import asyncio
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+        AsyncSessionLocal = async_sessionmaker()
+
+        async def in_task(q):
+            session = AsyncSessionLocal()
+            task = asyncio.ensure_future(session.execute(q))
+            return task
+        """,
+        "`session.execute` is passed on (to a task, say) without being awaited",
+    ),
+    "bound_method_kept": (
+        """
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+        AsyncSessionLocal = async_sessionmaker()
+
+        async def runner(q):
+            session = AsyncSessionLocal()
+            run = session.execute
+            return run
+        """,
+        "`session.execute` is stored without being awaited",
+    ),
     "sync_function": (
         """
         from sqlalchemy.ext.asyncio import async_sessionmaker

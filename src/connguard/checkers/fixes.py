@@ -813,6 +813,34 @@ def _make_async_with(module: cst.Module, plain: _PlainWith, ctx: _Context) -> cs
     return module.deep_replace(plain.stmt, plain.stmt.with_changes(asynchronous=cst.Asynchronous()))
 
 
+def _unawaited_escape(name: cst.CSTNode, parent_of: Any) -> str | None:
+    """Where `name.method(...)` (or the bound method `name.method`) goes when it is not awaited
+    where it stands: a coroutine or task made from it runs later, after the block."""
+    node: cst.CSTNode = name
+    while True:
+        parent = parent_of.get(node)
+        if isinstance(parent, cst.Attribute) and parent.value is node:
+            node = parent
+        elif isinstance(parent, cst.Call) and parent.func is node:
+            node = parent
+        elif isinstance(parent, cst.Await):
+            return None
+        else:
+            break
+    parent = parent_of.get(node)
+    if isinstance(parent, cst.Return):
+        return "is returned"
+    if isinstance(parent, (cst.Yield, cst.From)):
+        return "is yielded"
+    if isinstance(parent, cst.Arg):
+        return "is passed on (to a task, say)"
+    if isinstance(parent, (cst.Assign, cst.AnnAssign, cst.NamedExpr)):
+        return "is stored"
+    if isinstance(parent, (cst.Element, cst.DictElement, cst.StarredElement)):
+        return "is stored in a container"
+    return None
+
+
 def _borrowed_result_escapes(
     receiver: cst.CSTNode,
     body: Sequence[cst.CSTNode],
@@ -971,6 +999,13 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
                 )
         if use.attr and use.attr.startswith("__a"):
             raise Declined(f"`{name}` is entered or exited by hand")
+        if use.attr and form is not Form.SYNC:
+            escape = _unawaited_escape(use.node, site.parent_of)
+            if escape:
+                raise Declined(
+                    f"`{name}.{use.attr}` {escape} without being awaited, so it would run after "
+                    f"the block closes `{name}`"
+                )
 
     if form is Form.SYNC and getattr(product, "kind", "") == "session":
         commits = any(u.attr == "commit" for u in _uses(body, name))
