@@ -292,16 +292,27 @@ def _run_fix(args: argparse.Namespace, config: Config, selection: Selection | No
                 declined = fixes.declined_after(outcome, after)
                 remaining += after
             declined_lines += [f"{f.text()} (not fixed: {why})" for f, why in declined]
+    remaining = sorted(remaining)
+    listed = not args.diff and "-" not in paths  # stdout lists what is left
+    if listed and args.format == "text":
+        # One line per finding left, with why it was not fixed, as ruff prints it: the reasons
+        # stay off stderr, where they would repeat what stdout says.
+        reasons = {line.split(" (not fixed: ")[0]: line for line in declined_lines}
+        declined_lines = [line for line in declined_lines if line not in reasons.values()]
+        sys.stdout.write("".join(reasons.get(f.text(), f.text()) + "\n" for f in remaining))
+        if args.statistics:
+            from connguard.checkers import output
+
+            sys.stdout.write(output.format_statistics(remaining))
+        left = len(reasons) + len(declined_lines)
+    else:
+        left = len(declined_lines)
+        if listed:
+            _emit(args, remaining, successful=not any(f.code == "CG999" for f in remaining))
     for line in declined_lines:
         print(line, file=sys.stderr)
     verb = "would fix" if args.diff else "fixed"
-    print(
-        f"{verb} {changed} file(s); {len(declined_lines)} finding(s) left for a person",
-        file=sys.stderr,
-    )
-    remaining = sorted(remaining)
-    if not args.diff and "-" not in paths:
-        _emit(args, remaining, successful=not any(f.code == "CG999" for f in remaining))
+    print(f"{verb} {changed} file(s); {left} finding(s) left for a person", file=sys.stderr)
     report = engine.Report(
         findings=[f for f in remaining if f.code != "CG999"],
         errors=[f for f in remaining if f.code == "CG999"],
