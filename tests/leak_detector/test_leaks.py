@@ -233,6 +233,12 @@ def test_a_late_leak_left_in_a_transaction_is_only_its_owners(server_url, tmp_pa
     warned = run(project, server_url, "--leak-check-mode=warn")
     assert warned.returncode == 0, warned.stdout + warned.stderr
     assert "LATE test_late.py::test_starts_late_work" in warned.stdout
+    # Warnings made errors fail the test they are about, not the one that found them.
+    strict = run(
+        project, server_url, "-W", "error::connguard.leak_detector.detect.ConnectionLeakWarning"
+    )
+    assert "2 passed" in strict.stdout and "ERROR at teardown" not in strict.stdout, strict.stdout
+    assert strict.returncode == 1, strict.stdout + strict.stderr
 
 
 # SQLAlchemy's "join a session into an external transaction" recipe: a session-scoped
