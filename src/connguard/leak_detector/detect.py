@@ -777,9 +777,7 @@ class LeakDetector:
                 # unless all it says is what @allow_connection_leak allowed, or an earlier
                 # test's leak found now (that one fails the run instead, see _late_failures).
                 for outcome, data in zip(outcomes, reported, strict=True):
-                    if not outcome.surfaced_later and (
-                        outcome.allowed is None or outcome.warnings
-                    ):
+                    if not outcome.surfaced_later and (outcome.allowed is None or outcome.warnings):
                         data["fails"] = failing = True
         if failing:
             if report.passed:
