@@ -6,7 +6,7 @@ import difflib
 import os
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -813,20 +813,28 @@ def _make_async_with(module: cst.Module, plain: _PlainWith, ctx: _Context) -> cs
     return module.deep_replace(plain.stmt, plain.stmt.with_changes(asynchronous=cst.Asynchronous()))
 
 
+def _call_chain(node: cst.CSTNode, parent_of: Any) -> Iterator[cst.CSTNode]:
+    """The expressions built on `node` by attribute access, call and await, innermost first:
+    for `name` in `(await name.execute(q)).fetchall()`, the attribute, the call, the await..."""
+    while True:
+        parent = parent_of.get(node)
+        if not (
+            (isinstance(parent, cst.Attribute) and parent.value is node)
+            or (isinstance(parent, cst.Call) and parent.func is node)
+            or isinstance(parent, cst.Await)
+        ):
+            return
+        yield parent
+        node = parent
+
+
 def _unawaited_escape(name: cst.CSTNode, parent_of: Any) -> str | None:
     """Where `name.method(...)` (or the bound method `name.method`) goes when it is not awaited
     where it stands: a coroutine or task made from it runs later, after the block."""
     node: cst.CSTNode = name
-    while True:
-        parent = parent_of.get(node)
-        if isinstance(parent, cst.Attribute) and parent.value is node:
-            node = parent
-        elif isinstance(parent, cst.Call) and parent.func is node:
-            node = parent
-        elif isinstance(parent, cst.Await):
+    for node in _call_chain(name, parent_of):
+        if isinstance(node, cst.Await):
             return None
-        else:
-            break
     parent = parent_of.get(node)
     if isinstance(parent, cst.Return):
         return "is returned"
@@ -849,19 +857,10 @@ def _borrowed_result_escapes(
 ) -> str | None:
     """Where a cursor-like result of `receiver.method(...)` goes, if it outlives the block."""
     node: cst.CSTNode = receiver
-    # Climb the call chain: `(await db.execute(q)).fetchall()` ends in a consuming call.
-    while True:
-        parent = parent_of.get(node)
-        if isinstance(parent, cst.Attribute) and parent.value is node:
-            if parent.attr.value in CONSUMING_METHODS:
-                return None
-            node = parent
-        elif isinstance(parent, cst.Call) and parent.func is node:
-            node = parent
-        elif isinstance(parent, cst.Await):
-            node = parent
-        else:
-            break
+    # `(await db.execute(q)).fetchall()` ends in a consuming call.
+    for node in _call_chain(receiver, parent_of):
+        if isinstance(node, cst.Attribute) and node.attr.value in CONSUMING_METHODS:
+            return None
     parent = parent_of.get(node)
     if isinstance(parent, cst.Return):
         return "is returned"
