@@ -1538,6 +1538,18 @@ CAPTURE = Use("capture")
 _IN_MEMORY_METHODS = frozenset({"add", "add_all", "expunge", "expunge_all", "is_modified"})
 
 
+def _may_connect(use: Use, spec: ResourceSpec) -> bool:
+    """Whether this use of a session not used yet may make it take a connection. An
+    AsyncSession queries only when awaited, here or by whoever it is lent to (yielded,
+    returned, stored, captured): handing it to a wrapper or a closure factory that is not
+    awaited (`repo = Repository(session)`) takes nothing."""
+    if use.kind == "method" and use.method in _IN_MEMORY_METHODS:
+        return False
+    if spec.is_async:
+        return use.awaited or use.kind not in ("arg", "bind", "method")
+    return True
+
+
 class FunctionAnalysis:
     def __init__(self, module: ModuleAnalysis, info: FunctionInfo) -> None:
         self.m = module
@@ -2310,7 +2322,7 @@ class FunctionAnalysis:
     ) -> None:
         spec = self.specs[rid]
         fate = self.fates[rid]
-        if rid in path.unused and not (use.kind == "method" and use.method in _IN_MEMORY_METHODS):
+        if rid in path.unused and _may_connect(use, spec):
             path.unused.discard(rid)
         action, extra = self.decide(use, spec, False)
         if action == "bind":

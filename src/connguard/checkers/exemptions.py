@@ -313,6 +313,22 @@ async def fetch(query, load_options, item):
         return await session.execute(query, execution_options=options)
     finally:
         await session.close()
+
+def saver(session):
+    async def save(item):
+        session.add(item)
+        await session.flush()
+    return save
+
+async def save_all(items, load_options):
+    session = AsyncSessionLocal()
+    save = saver(session)  # not awaited: an AsyncSession cannot query here
+    await load_options()
+    try:
+        for item in items:
+            await save(item)
+    finally:
+        await session.close()
 """,
     "null-pool-engine": """
 from sqlalchemy import text
