@@ -61,6 +61,98 @@ def test_golden(shape):
 
 
 DECLINED = {
+    "invalidated": (
+        """
+        from sqlalchemy.ext.asyncio import create_async_engine
+        engine = create_async_engine("postgresql+asyncpg://localhost/app")
+
+        async def poison(q):
+            conn = await engine.connect()
+            await conn.execute(q)
+            await conn.invalidate()
+        """,
+        "`conn.invalidate()` throws the connection away",
+    ),
+    "psycopg_commits_on_exit": (
+        """
+        import psycopg
+
+        async def audit(dsn):
+            conn = await psycopg.AsyncConnection.connect(dsn)
+            await conn.execute("INSERT INTO audit VALUES (1)")
+            await conn.close()
+        """,
+        "psycopg's `with` commits when the block ends cleanly",
+    ),
+    "cursor_in_a_container": (
+        """
+        import aiosqlite
+
+        async def rows(path):
+            db = await aiosqlite.connect(path)
+            cur = await db.execute("SELECT 1")
+            return [cur]
+        """,
+        "is stored or put in a container as `cur`",
+    ),
+    "cursor_aliased": (
+        """
+        import aiosqlite
+
+        async def rows(path):
+            db = await aiosqlite.connect(path)
+            cur = await db.execute("SELECT 1")
+            result = cur
+            return result
+        """,
+        "is stored or put in a container as `cur`",
+    ),
+    "prepared_statement": (
+        """
+        import asyncpg
+
+        async def prepare(pool: asyncpg.Pool, q):
+            conn = await pool.acquire()
+            statement = await conn.prepare(q)
+            return statement
+        """,
+        "`conn.prepare()` gives a result that reads through `conn`",
+    ),
+    "captured_before_creation": (
+        """
+        import aiosqlite
+
+        async def later(path):
+            async def helper():
+                return await db.execute_fetchall("SELECT 1")
+            db = await aiosqlite.connect(path)
+            await db.execute("SELECT 0")
+            return await helper()
+        """,
+        "captured by a nested function",
+    ),
+    "generator_expression": (
+        """
+        import aiosqlite
+
+        async def lazy(path, queries):
+            db = await aiosqlite.connect(path)
+            return (await db.execute_fetchall(q) for q in queries)
+        """,
+        "generator expression",
+    ),
+    "in_place_stream_read_later": (
+        """
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+        AsyncSessionLocal = async_sessionmaker()
+
+        async def numbers():
+            result = await AsyncSessionLocal().stream(text("select 1"))
+            return [row[0] async for row in result]
+        """,
+        "used after the block as `result`",
+    ),
     "coroutine_returned": (
         """
         import asyncpg

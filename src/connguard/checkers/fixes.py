@@ -28,6 +28,8 @@ FIXABLE_CODES = frozenset({"CG101", "CG102", "CG103", "CG104", "CG105"})
 # Methods whose call ends the resource's life; after the rewrite the context manager does this.
 # The resource table adds each kind's own (release_async / release_sync).
 RELEASE_METHODS = frozenset({"close", "aclose", "dispose", "terminate"})
+# Releases that throw the connection away instead of closing it or handing it back as it is.
+_DISCARDING = frozenset({"invalidate", "terminate", "detach"})
 # A pooled connection handed back to the pool it came from: `await pool.release(conn)`.
 DEFAULT_ON_RECEIVER = frozenset({"release"})
 
@@ -37,14 +39,14 @@ DEFAULT_ON_RECEIVER = frozenset({"release"})
 BORROWING_METHODS = frozenset({"stream", "stream_scalars", "cursor"})
 BORROWING_BY_RESOURCE: dict[str, frozenset[str]] = {
     # AsyncSession/AsyncConnection.execute() buffer their rows; only streams stay open.
-    "AsyncSession": frozenset({"stream", "stream_scalars"}),
-    "AsyncConnection": frozenset({"stream", "stream_scalars"}),
+    "AsyncSession": frozenset({"stream", "stream_scalars", "connection"}),
+    "AsyncConnection": frozenset({"stream", "stream_scalars", "get_raw_connection"}),
     # Sync results are cursor-backed until fetched.
     "Session": frozenset({"execute", "scalars", "stream", "stream_scalars"}),
     "Connection": frozenset({"execute", "scalars", "exec_driver_sql", "stream", "stream_scalars"}),
     # asyncpg's fetch*/execute return plain values; cursors need the connection.
-    "asyncpg connection": frozenset({"cursor"}),
-    "asyncpg pooled connection": frozenset({"cursor"}),
+    "asyncpg connection": frozenset({"cursor", "prepare"}),
+    "asyncpg pooled connection": frozenset({"cursor", "prepare"}),
     # DB-API style drivers: execute() hands back a cursor of the connection.
     "psycopg AsyncConnection": frozenset({"execute", "cursor"}),
     "psycopg Connection": frozenset({"execute", "cursor"}),
@@ -521,6 +523,13 @@ class _Uses(cst.CSTVisitor):
     def leave_Lambda(self, original_node: cst.Lambda) -> None:
         self.depth -= 1
 
+    # A generator expression runs when it is iterated, which may be after the block.
+    def visit_GeneratorExp(self, node: cst.GeneratorExp) -> None:
+        self.depth += 1
+
+    def leave_GeneratorExp(self, original_node: cst.GeneratorExp) -> None:
+        self.depth -= 1
+
     def visit_Attribute(self, node: cst.Attribute) -> bool:
         if isinstance(node.value, cst.Name):
             if node.value.value == self.name:
@@ -601,6 +610,21 @@ class _Release:
             return False
         body = stmt.finalbody.body.body
         return len(body) == 1 and self.is_statement(body[0])
+
+    def discards(self, stmt: cst.CSTNode) -> str | None:
+        """The method of a release statement (or `finally`) that is not what the end of an
+        `async with` does: `invalidate()`/`terminate()` throw the connection away, where the
+        block would close it or give it back to its pool as it is."""
+        if isinstance(stmt, cst.Try) and stmt.finalbody is not None:
+            stmt = stmt.finalbody.body.body[0]
+        expr = stmt.body[0].value if isinstance(stmt, cst.SimpleStatementLine) else None
+        if isinstance(expr, cst.Await):
+            expr = expr.expression
+        if isinstance(expr, cst.Call) and isinstance(expr.func, cst.Attribute):
+            method = expr.func.attr.value
+            if method in _DISCARDING:
+                return method
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,12 +776,16 @@ def _bind_in_place(module: cst.Module, site: _InPlace, ctx: _Context) -> cst.Mod
         raise Declined(form)
     borrowing = BORROWING_BY_RESOURCE.get(getattr(product, "name", ""), BORROWING_METHODS)
     if site.method in borrowing:
-        escape = _borrowed_result_escapes(site.call, [site.stmt], [], site.parent_of)
+        statements = list(site.block.body)
+        after = statements[statements.index(site.stmt) + 1 :]
+        escape = _borrowed_result_escapes(site.call, [site.stmt], after, site.parent_of)
         if escape:
             raise Declined(
                 f"`{site.method}()` gives a result that reads through the resource, and it "
                 f"{escape}; the block would close the resource first"
             )
+    if _commits_on_exit(product) and not _commits_anyway(site.call, [], ""):
+        raise Declined(_COMMIT_ON_EXIT)
     if form is not Form.SYNC and site.function.asynchronous is None:
         raise Declined("the enclosing function is not `async def`, so `async with` cannot go there")
     taken = {n.value for n in _walk(site.function) if isinstance(n, cst.Name)}
@@ -813,6 +841,11 @@ def _make_async_with(module: cst.Module, plain: _PlainWith, ctx: _Context) -> cs
     return module.deep_replace(plain.stmt, plain.stmt.with_changes(asynchronous=cst.Asynchronous()))
 
 
+# Where a value is kept rather than used: in a container, or under another name or attribute.
+_HOLDERS = (cst.Element, cst.DictElement, cst.StarredElement)
+_STORES = (cst.Assign, cst.AnnAssign, cst.AugAssign, cst.NamedExpr)
+
+
 def _call_chain(node: cst.CSTNode, parent_of: Any) -> Iterator[cst.CSTNode]:
     """The expressions built on `node` by attribute access, call and await, innermost first:
     for `name` in `(await name.execute(q)).fetchall()`, the attribute, the call, the await..."""
@@ -826,6 +859,44 @@ def _call_chain(node: cst.CSTNode, parent_of: Any) -> Iterator[cst.CSTNode]:
             return
         yield parent
         node = parent
+
+
+_COMMIT_ON_EXIT = (
+    "psycopg's `with` commits when the block ends cleanly, and `close()` does not: the "
+    "rewrite would commit what this code leaves uncommitted (connect with autocommit=True, "
+    "or end with `commit()`)"
+)
+
+
+def _commits_on_exit(product: Any) -> bool:
+    """psycopg's connections (and psycopg_pool's `connection()`) commit at a clean exit."""
+    return str(getattr(product, "name", "")).startswith("psycopg")
+
+
+def _commits_anyway(call: cst.Call, body: Sequence[cst.CSTNode], name: str) -> bool:
+    """Whether committing at the block's end changes nothing: the connection is in autocommit,
+    or the block already ends with `name.commit()`."""
+    for arg in call.args:
+        if (
+            arg.keyword is not None
+            and arg.keyword.value == "autocommit"
+            and isinstance(arg.value, cst.Name)
+            and arg.value.value == "True"
+        ):
+            return True
+    last = body[-1] if body else None
+    if isinstance(last, cst.SimpleStatementLine) and len(last.body) == 1:
+        expr = last.body[0].value if isinstance(last.body[0], cst.Expr) else None
+        if isinstance(expr, cst.Await):
+            expr = expr.expression
+        return (
+            isinstance(expr, cst.Call)
+            and isinstance(expr.func, cst.Attribute)
+            and expr.func.attr.value == "commit"
+            and isinstance(expr.func.value, cst.Name)
+            and expr.func.value.value == name
+        )
+    return False
 
 
 def _unawaited_escape(name: cst.CSTNode, parent_of: Any) -> str | None:
@@ -866,6 +937,8 @@ def _borrowed_result_escapes(
         return "is returned"
     if isinstance(parent, (cst.Yield, cst.From)):
         return "is yielded"
+    if isinstance(parent, _HOLDERS):
+        return "is put in a container"
     if isinstance(parent, cst.Assign) and all(
         isinstance(t.target, cst.Name) for t in parent.targets
     ):
@@ -879,6 +952,8 @@ def _borrowed_result_escapes(
                     return f"is returned as `{bound}`"
                 if use.nested:
                     return f"is captured as `{bound}`"
+                if use.kind == "bare" and isinstance(holder, (*_HOLDERS, *_STORES)):
+                    return f"is stored or put in a container as `{bound}`"
         return None
     if isinstance(parent, (cst.Assign, cst.AnnAssign, cst.AugAssign)):
         return "is stored"
@@ -933,6 +1008,12 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
     inside_ids = {id(n) for s in [site.stmt, *rest] for n in _walk(s)}
     creation_line = site.line_of[site.stmt].start.line
     for use in _uses([site.function.body], name):
+        if use.nested:
+            # A function or generator that reads the name may run after the block, wherever
+            # it is defined (before the creation too, and be called after the block).
+            raise Declined(
+                f"`{name}` is captured by a nested function, lambda, class or generator expression"
+            )
         if id(use.node) in inside_ids:
             continue
         if site.in_loop or site.line_of[use.node].start.line >= creation_line:
@@ -952,6 +1033,13 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
     forget_at = [i for i, s in enumerate(rest) if release.is_forget(s)]
     if len(release_at) > 1:
         raise Declined(f"`{name}` is released in more than one place")
+    if release_at:
+        discarded = release.discards(rest[release_at[0]])
+        if discarded:
+            raise Declined(
+                f"`{name}.{discarded}()` throws the connection away; the end of `async with` "
+                f"would close it or return it to its pool as it is"
+            )
     kept_forget = 0
     if not release_at and len(forget_at) == 1:
         # `session = None` / `del session` where a close belongs: the block ends there, and the
@@ -982,9 +1070,7 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
         raise Declined(f"`{name}` is used after it is released")
 
     borrowing = BORROWING_BY_RESOURCE.get(getattr(product, "name", ""), BORROWING_METHODS)
-    for use in _uses(body, name):
-        if use.nested:
-            raise Declined(f"`{name}` is captured by a nested function, lambda or class")
+    for use in _uses(body, name):  # (one in a nested scope was declined above)
         if use.kind == "bare":
             raise Declined(_escape_reason(name, site.parent_of.get(use.node)))
         if use.attr in own:
@@ -1005,6 +1091,9 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
                     f"`{name}.{use.attr}` {escape} without being awaited, so it would run after "
                     f"the block closes `{name}`"
                 )
+
+    if _commits_on_exit(product) and not _commits_anyway(site.call, body, name):
+        raise Declined(_COMMIT_ON_EXIT)
 
     if form is Form.SYNC and getattr(product, "kind", "") == "session":
         commits = any(u.attr == "commit" for u in _uses(body, name))
