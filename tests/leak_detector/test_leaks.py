@@ -223,7 +223,8 @@ def test_a_late_leak_left_in_a_transaction_is_only_its_owners(server_url, tmp_pa
     result = run(project, server_url, "--leak-check-report=report.json", "-rA")
     # Both tests passed; the leak found after its test had passed fails the run instead.
     assert "2 passed" in result.stdout, result.stdout
-    assert "1 finding(s) made after their tests had passed (LATE): the run fails" in result.stdout
+    failed = "the run fails: 1 LATE finding(s) above fail, and their tests had already passed"
+    assert failed in result.stdout
     assert result.returncode == 1, result.stdout + result.stderr
     results = results_by_owner(load_report(project / "report.json"))
     assert set(results) == {"test_starts_late_work"}, results
@@ -359,7 +360,10 @@ def test_an_engine_kept_by_the_app_is_judged_when_the_run_ends(server_url, tmp_p
     )
     kept = run(project, server_url, "--leak-check-report=report.json")
     assert kept.returncode == 0, kept.stdout + kept.stderr
-    assert "LATE test_lazy.py::test_first: engine [found when the run ended]" in kept.stdout
+    assert (
+        "LATE test_lazy.py::test_first: engine (at lazy_app.py:9) [found when the run ended]"
+        in kept.stdout
+    ), kept.stdout
     (late,) = load_report(project / "report.json")["results"]
     assert late["surfaced_later"] and late["owner"] == "test_lazy.py::test_first"
     assert [w["category"] for w in late["warnings"]] == ["engine"]
@@ -376,6 +380,90 @@ def test_an_engine_kept_by_the_app_is_judged_when_the_run_ends(server_url, tmp_p
     disposed = run(project, server_url, "--leak-check-report=report.json")
     assert disposed.returncode == 0, disposed.stdout + disposed.stderr
     assert load_report(project / "report.json")["results"] == []
+
+
+# A session fixture that starts a server in a subprocess (an e2e suite's live server): its
+# connection is the fixture's, seen only by the server, and ends with the fixture.
+TEST_LIVE_SERVER = """
+import subprocess
+import sys
+
+import pytest
+
+CHILD = (
+    "import os, time, psycopg; conn = psycopg.connect(os.environ['DATABASE_URL']); "
+    "print('ready', flush=True); time.sleep(600)"
+)
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    yield child.pid
+    child.terminate()
+    child.wait()
+
+
+def test_uses_the_server(live_server):
+    assert live_server
+
+
+def test_does_not():
+    pass
+"""
+
+
+def test_a_wider_fixtures_subprocess_connection_is_not_its_first_tests(server_url, tmp_path):
+    project = write_project(tmp_path, INI_AUTO_SESSION, test_live=TEST_LIVE_SERVER)
+    result = run(project, server_url, "--leak-check-report=report.json", ASK_EVERY_TEST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+    assert load_report(project / "report.json")["results"] == []
+
+
+TEST_SQLITE_ENGINE = """
+from sqlalchemy import create_engine, text
+
+
+def test_sqlite_in_memory():
+    engine = create_engine("sqlite://")
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+"""
+
+
+def test_an_engine_without_a_server_is_no_engine_finding(server_url, tmp_path):
+    # "Its connections stay open on the server": SQLite has none to keep.
+    project = write_project(tmp_path, INI_AUTO_SESSION, test_sqlite=TEST_SQLITE_ENGINE)
+    result = run(project, server_url, "--leak-check-fail-on=engine", "--leak-check-report=r.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert load_report(project / "r.json")["results"] == []
+
+
+TEST_POOL_OF_ONE = """
+import os
+
+from sqlalchemy import create_engine, text
+
+URL = "postgresql+psycopg://" + os.environ["DATABASE_URL"].split("://", 1)[1]
+
+
+def test_pool_of_one():
+    engine = create_engine(URL, pool_size=1, max_overflow=0)
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+    engine.dispose()
+"""
+
+
+def test_a_pool_of_one_in_use_is_no_threshold_warning(server_url, tmp_path):
+    project = write_project(tmp_path, INI_AUTO_SESSION, test_one=TEST_POOL_OF_ONE)
+    result = run(
+        project, server_url, "--leak-check-fail-on=pool-threshold", "--leak-check-report=r.json"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert load_report(project / "r.json")["results"] == []
 
 
 def test_server_sees_what_the_ledger_cannot(leaky_run):

@@ -258,7 +258,12 @@ class LeakDetector:
         self._global_owner = owner
         token = CURRENT_OWNER.set(owner)
         try:
-            return (yield)
+            result = yield
+            if scope != "function":
+                # What a wider fixture started (a live server in a subprocess, say) is the
+                # fixture's, not this test's: the test is measured from after its setup.
+                self._before = {**self._before, **self.observer.snapshot()}
+            return result
         finally:
             try:
                 CURRENT_OWNER.reset(token)
@@ -690,7 +695,8 @@ class LeakDetector:
         )
 
     def _threshold_warnings(self, item: pytest.Item | None) -> list[Warning_]:
-        busy = [p for p in self.ledger.pools if p.peak and p.capacity and p.capacity > 0]
+        # A pool of one is full whenever it is used: no early warning to give there.
+        busy = [p for p in self.ledger.pools if p.peak and p.capacity and p.capacity > 1]
         if not busy:
             return []
         threshold = self._setting("leak_check_pool_threshold", item)
@@ -807,7 +813,8 @@ class LeakDetector:
         late = self._late_failures()
         if late:
             terminalreporter.line(
-                f"{late} finding(s) made after their tests had passed (LATE): the run fails",
+                f"the run fails: {late} LATE finding(s) above fail, and their tests had "
+                f"already passed",
                 red=True,
             )
 

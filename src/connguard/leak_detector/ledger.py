@@ -516,15 +516,16 @@ class Ledger:
     def _sa_connect(self, dbapi_connection: Any, rec: Any) -> None:
         pid = _backend_pid(getattr(rec, "driver_connection", None) or dbapi_connection)
         info = self._sa_pool_info(rec)
+        if pid is None:
+            return  # no PostgreSQL backend (SQLite, say): nothing a server keeps open
         if info is not None:
-            info.live += 1
-        if pid is not None:
-            self._sa_pid[id(dbapi_connection)] = pid
-            self.physical[pid] = Physical(pid, pool=info)
-            # SQLAlchemy opened it through a wrapped raw connect: the pool owns it now.
-            for key, record in list(self.open.items()):
-                if record.pid == pid and record.probe is not None:
-                    self.open.pop(key, None)
+            info.live += 1  # (counted down in _sa_forget, by pid)
+        self._sa_pid[id(dbapi_connection)] = pid
+        self.physical[pid] = Physical(pid, pool=info)
+        # SQLAlchemy opened it through a wrapped raw connect: the pool owns it now.
+        for key, record in list(self.open.items()):
+            if record.pid == pid and record.probe is not None:
+                self.open.pop(key, None)
 
     def _sa_forget(self, dbapi_connection: Any, rec: Any) -> None:
         pid = self._sa_pid.pop(id(dbapi_connection), None)

@@ -229,8 +229,11 @@ def format_summary(outcomes: list[dict[str, Any]], root: str | None = None) -> l
         parts += [warning["category"] for warning in outcome["warnings"]]
         where = ""
         first = next((leak["opened_at"] for leak in outcome["leaks"] if leak["opened_at"]), None)
+        made = next((w["location"] for w in outcome["warnings"] if w.get("location")), None)
         if first is not None:
             where = f" (opened at {_relative(first['path'], root)}:{first['line']})"
+        elif made is not None:  # an engine or pool: where it was created
+            where = f" (at {_relative(made['path'], root)}:{made['line']})"
         later = ""
         if outcome.get("surfaced_later"):
             found = outcome["nodeid"]
