@@ -414,9 +414,12 @@ def test_does_not():
 """
 
 
-def test_a_wider_fixtures_subprocess_connection_is_not_its_first_tests(server_url, tmp_path):
+@pytest.mark.parametrize("proof", ["auto", "off"])
+def test_a_wider_fixtures_subprocess_connection_is_not_its_first_tests(server_url, tmp_path, proof):
     project = write_project(tmp_path, INI_AUTO_SESSION, test_live=TEST_LIVE_SERVER)
-    result = run(project, server_url, "--leak-check-report=report.json", ASK_EVERY_TEST)
+    result = run(
+        project, server_url, "--leak-check-report=report.json", f"--leak-check-server-proof={proof}"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
     assert load_report(project / "report.json")["results"] == []

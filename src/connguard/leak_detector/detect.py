@@ -262,7 +262,10 @@ class LeakDetector:
             if scope != "function":
                 # What a wider fixture started (a live server in a subprocess, say) is the
                 # fixture's, not this test's: the test is measured from after its setup.
-                self._before = {**self._before, **self.observer.snapshot()}
+                # (Nothing to ask when the proof shows that no backend came or went.)
+                observer = self.observer
+                if observer.proof is None or not observer.proof.unchanged():
+                    self._before = {**self._before, **observer.snapshot()}
             return result
         finally:
             try:
