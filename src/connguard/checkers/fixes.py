@@ -846,6 +846,17 @@ _HOLDERS = (cst.Element, cst.DictElement, cst.StarredElement)
 _STORES = (cst.Assign, cst.AnnAssign, cst.AugAssign, cst.NamedExpr)
 
 
+def _where_kept(parent: cst.CSTNode | None) -> str | None:
+    """How a value outlives its statement when `parent` holds it."""
+    if isinstance(parent, cst.Return):
+        return "is returned"
+    if isinstance(parent, (cst.Yield, cst.From)):
+        return "is yielded"
+    if isinstance(parent, _HOLDERS):
+        return "is put in a container"
+    return None
+
+
 def _call_chain(node: cst.CSTNode, parent_of: Any) -> Iterator[cst.CSTNode]:
     """The expressions built on `node` by attribute access, call and await, innermost first:
     for `name` in `(await name.execute(q)).fetchall()`, the attribute, the call, the await..."""
@@ -907,17 +918,11 @@ def _unawaited_escape(name: cst.CSTNode, parent_of: Any) -> str | None:
         if isinstance(node, cst.Await):
             return None
     parent = parent_of.get(node)
-    if isinstance(parent, cst.Return):
-        return "is returned"
-    if isinstance(parent, (cst.Yield, cst.From)):
-        return "is yielded"
     if isinstance(parent, cst.Arg):
         return "is passed on (to a task, say)"
-    if isinstance(parent, (cst.Assign, cst.AnnAssign, cst.NamedExpr)):
+    if isinstance(parent, _STORES):
         return "is stored"
-    if isinstance(parent, (cst.Element, cst.DictElement, cst.StarredElement)):
-        return "is stored in a container"
-    return None
+    return _where_kept(parent)
 
 
 def _borrowed_result_escapes(
@@ -933,12 +938,9 @@ def _borrowed_result_escapes(
         if isinstance(node, cst.Attribute) and node.attr.value in CONSUMING_METHODS:
             return None
     parent = parent_of.get(node)
-    if isinstance(parent, cst.Return):
-        return "is returned"
-    if isinstance(parent, (cst.Yield, cst.From)):
-        return "is yielded"
-    if isinstance(parent, _HOLDERS):
-        return "is put in a container"
+    kept = _where_kept(parent)
+    if kept:
+        return kept
     if isinstance(parent, cst.Assign) and all(
         isinstance(t.target, cst.Name) for t in parent.targets
     ):
