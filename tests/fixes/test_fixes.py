@@ -61,6 +61,27 @@ def test_golden(shape):
 
 
 DECLINED = {
+    "in_place_per_item": (
+        """
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+        AsyncSessionLocal = async_sessionmaker()
+
+        async def each(queries):
+            return [(await AsyncSessionLocal().execute(q)).all() for q in queries]
+        """,
+        "made per item of a comprehension",
+    ),
+    "locals_handed_out": (
+        """
+        import aiosqlite
+
+        async def everything(path):
+            db = await aiosqlite.connect(path)
+            await db.execute("SELECT 1")
+            return locals()
+        """,
+        "`locals()` may hand `db` out of the block",
+    ),
     "invalidated": (
         """
         from sqlalchemy.ext.asyncio import create_async_engine
@@ -668,3 +689,35 @@ def test_the_incident_endpoint_is_fixed_the_way_the_post_mortem_fixed_it():
     fixed_by_hand = (incident / "agents_fixed.py").read_text()
     # Everything but the module docstring's first line is the same.
     assert outcome.source.splitlines()[1:] == fixed_by_hand.splitlines()[1:]
+
+
+def test_the_comments_of_a_removed_close_stay():
+    source = textwrap.dedent(
+        """
+        import aiosqlite
+
+
+        async def run(path):
+            db = await aiosqlite.connect(path)
+            await db.execute("SELECT 1")
+            # done with it
+            await db.close()  # bye
+
+
+        async def later(path):
+            db = await aiosqlite.connect(path)
+            await db.execute("SELECT 1")
+            await db.close()  # closed here
+            return 1
+        """
+    ).lstrip()
+    outcome = fix_source(source, PATH, CONFIG)
+    assert [f.line for f in outcome.applied] == [5, 12]
+    assert (
+        '        await db.execute("SELECT 1")\n        # done with it\n        # bye\n'
+        in outcome.source
+    )
+    assert '        await db.execute("SELECT 1")\n    # closed here\n    return 1\n' in (
+        outcome.source
+    )
+    assert fix_source(outcome.source, PATH, CONFIG).source == outcome.source

@@ -786,6 +786,13 @@ def _bind_in_place(module: cst.Module, site: _InPlace, ctx: _Context) -> cst.Mod
             )
     if _commits_on_exit(product) and not _commits_anyway(site.call, [], ""):
         raise Declined(_COMMIT_ON_EXIT)
+    node: cst.CSTNode | None = site.call
+    while node is not None and node is not site.stmt:
+        if isinstance(node, _PER_ITEM):
+            # One block around the statement would share one resource across the items (or
+            # close it before a generator or lambda runs), where each made its own.
+            raise Declined("the resource is made per item of a comprehension, generator or lambda")
+        node = site.parent_of.get(node)
     if form is not Form.SYNC and site.function.asynchronous is None:
         raise Declined("the enclosing function is not `async def`, so `async with` cannot go there")
     taken = {n.value for n in _walk(site.function) if isinstance(n, cst.Name)}
@@ -844,6 +851,23 @@ def _make_async_with(module: cst.Module, plain: _PlainWith, ctx: _Context) -> cs
 # Where a value is kept rather than used: in a container, or under another name or attribute.
 _HOLDERS = (cst.Element, cst.DictElement, cst.StarredElement)
 _STORES = (cst.Assign, cst.AnnAssign, cst.AugAssign, cst.NamedExpr)
+
+
+# Expressions whose parts run once per item, or later: a resource made inside is not one.
+_PER_ITEM = (cst.ListComp, cst.SetComp, cst.DictComp, cst.GeneratorExp, cst.Lambda)
+
+
+def _comments_of(stmt: cst.CSTNode) -> list[cst.EmptyLine]:
+    """The comment lines above a statement and the comment on its own line, as lines; empty
+    when it has none (blank lines alone are not kept)."""
+    if isinstance(stmt, cst.Try):  # a `finally` that only released: its comments too
+        inner = stmt.finalbody.body.body[0] if stmt.finalbody is not None else stmt
+        return _comments_of(inner) if inner is not stmt else []
+    lines = list(getattr(stmt, "leading_lines", ()))
+    trailing = getattr(stmt, "trailing_whitespace", None)
+    if trailing is not None and trailing.comment is not None:
+        lines.append(cst.EmptyLine(comment=trailing.comment))
+    return lines if any(line.comment for line in lines) else []
 
 
 def _where_kept(parent: cst.CSTNode | None) -> str | None:
@@ -1072,6 +1096,13 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
         raise Declined(f"`{name}` is used after it is released")
 
     borrowing = BORROWING_BY_RESOURCE.get(getattr(product, "name", ""), BORROWING_METHODS)
+    for node in (n for stmt in body for n in _walk(stmt)):
+        if (
+            isinstance(node, cst.Call)
+            and isinstance(node.func, cst.Name)
+            and node.func.value in ("locals", "vars", "eval", "exec")
+        ):
+            raise Declined(f"`{node.func.value}()` may hand `{name}` out of the block")
     for use in _uses(body, name):  # (one in a nested scope was declined above)
         if use.kind == "bare":
             raise Declined(_escape_reason(name, site.parent_of.get(use.node)))
@@ -1115,13 +1146,15 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
         leading.pop(0)
     body[0] = body[0].with_changes(leading_lines=leading)
 
-    if release_at and after and not kept_forget:
-        # The statements after the release keep their place; carry the release's comments over.
-        released_stmt = rest[release_at[0]]
-        if any(line.comment for line in released_stmt.leading_lines):
-            after[0] = after[0].with_changes(
-                leading_lines=[*released_stmt.leading_lines, *after[0].leading_lines]
-            )
+    footer: list[cst.EmptyLine] = []
+    if release_at and not kept_forget:
+        # The release goes, its comments stay: above what follows it, or at the end of the
+        # new block when nothing does (a comment on the release's own line included).
+        comments = _comments_of(rest[release_at[0]])
+        if comments and after:
+            after[0] = after[0].with_changes(leading_lines=[*comments, *after[0].leading_lines])
+        elif comments:
+            footer = [line.with_changes(indent=True) for line in comments if line.comment]
 
     call: cst.BaseExpression = site.call
     if form is Form.ASYNC_AWAITED:
@@ -1129,7 +1162,10 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
     with_node = cst.With(
         items=[cst.WithItem(item=call, asname=cst.AsName(name=cst.Name(name)))],
         body=cst.IndentedBlock(
-            body=body, header=site.stmt.trailing_whitespace, indent=site.block.indent
+            body=body,
+            header=site.stmt.trailing_whitespace,
+            indent=site.block.indent,
+            footer=footer,
         ),
         asynchronous=None if form is Form.SYNC else cst.Asynchronous(),
         leading_lines=site.stmt.leading_lines,
