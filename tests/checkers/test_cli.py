@@ -507,3 +507,30 @@ def test_a_directory_named_explicitly_is_walked_even_if_gitignored(tmp_path):
     (tmp_path / ".git").mkdir()
     result = run(".venv/lib/pkg", cwd=tmp_path)
     assert {p for p, _, _ in codes_at(result.stdout)} == {".venv/lib/pkg/mod.py"}
+
+
+def test_cancellation_is_named_only_where_it_can_land(tmp_path):
+    # Cancellation lands at an `await`: a sync function's resource can only meet an exception.
+    write(
+        tmp_path,
+        {
+            "db.py": """
+                import psycopg
+
+                def sync_fetch(dsn):
+                    conn = psycopg.connect(dsn)
+                    rows = conn.execute("select 1").fetchall()
+                    conn.close()
+                    return rows
+
+                async def async_fetch(dsn):
+                    conn = await psycopg.AsyncConnection.connect(dsn)
+                    await conn.execute("select 1")
+                    await conn.close()
+            """
+        },
+    )
+    result = run("db.py", cwd=tmp_path)
+    sync_line, async_line = result.stdout.splitlines()
+    assert "not closed if an exception interrupts before the close" in sync_line
+    assert "not closed if an exception or cancellation interrupts" in async_line

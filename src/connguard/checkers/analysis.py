@@ -199,6 +199,7 @@ class Fate:
     shared: bool = False  # created at module or class level (shared by every caller)
     unshielded: cst.CSTNode | None = None  # the awaited close in finally under trio/anyio
     conditional: bool = False  # created in `x or F()` / `F() if c else y`
+    in_async: bool = False  # created in an `async def`: cancellation can land at its awaits
     advice: str = ""  # replaces the spec's suggestion when the fix is elsewhere
     var: str = ""  # the name the creation is bound to, if one
 
@@ -1680,7 +1681,12 @@ class FunctionAnalysis:
             self.rid_of[key] = rid
             self.specs[rid] = spec
             self.fates[rid] = Fate(
-                spec, node, "function", self.info.name, conditional=bool(use and use.cond)
+                spec,
+                node,
+                "function",
+                self.info.name,
+                conditional=bool(use and use.cond),
+                in_async=self.info.is_async,
             )
         return rid
 

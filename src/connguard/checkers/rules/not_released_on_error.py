@@ -45,8 +45,8 @@ class NotReleasedOnError(Rule):
     CODE = "CG102"
     NAME = "resource-not-released-on-error"
     MESSAGE = (
-        "{resource} created here is not closed if an exception or cancellation interrupts "
-        "before the close; {advice}"
+        "{resource} created here is not closed if {interruption} interrupts before the close; "
+        "{advice}"
     )
 
     def check(self, fate) -> None:
@@ -57,7 +57,9 @@ class NotReleasedOnError(Rule):
         text = advice(fate)
         if text.startswith('use "'):
             text += ', or close it in "finally"'
-        self.report(fate.node, resource=fate.spec.name, advice=text)
+        # Cancellation lands at an `await`: only an async function's code can be cancelled.
+        interruption = "an exception or cancellation" if fate.in_async else "an exception"
+        self.report(fate.node, resource=fate.spec.name, advice=text, interruption=interruption)
 
     VALID = [
         PRELUDE

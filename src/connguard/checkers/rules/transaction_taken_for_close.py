@@ -37,7 +37,7 @@ class TransactionTakenForClose(Rule):
     CODE = "CG105"
     NAME = "transaction-taken-for-close"
     MESSAGE = (
-        '{resource} created here is never closed: "{method}()" ends the transaction but does '
+        '{resource} created here is never closed: "{method}()" manages the transaction but does '
         "not close it; {advice}"
     )
 
