@@ -363,12 +363,13 @@ class LeakCheckRun:
 def _require_psycopg() -> None:
     # Every backend is reached through psycopg, which only the `leak` extra installs; without
     # it the first connect would end the run in a traceback from the janitor.
+    from .provision import first_line
+
     try:
         import psycopg  # noqa: F401
     except ImportError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "not importable"
         raise pytest.UsageError(
-            f"connguard: --leak-check needs psycopg 3 ({reason}); "
+            f"connguard: --leak-check needs psycopg 3 ({first_line(error)}); "
             "install it with: pip install 'connguard[leak]'"
         ) from None
 

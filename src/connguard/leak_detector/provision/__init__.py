@@ -115,6 +115,13 @@ class Database:
 # -- URL helpers (libpq URLs: postgresql://user:password@host:port/dbname?key=value)
 
 
+def first_line(error: BaseException) -> str:
+    """An error as one line, as every provisioning message is: the first line of its text (a
+    server's DETAIL and HINT lines follow it), or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def mask_password(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import ProvisionError, Server, free_port, janitor, make_url
+from . import ProvisionError, Server, first_line, free_port, janitor, make_url
 from .local import CONNECTION_LOG_SETTINGS
 
 LABEL_PREFIX = "org.connguard"
@@ -72,8 +72,7 @@ def _docker_client(timeout: float = ENGINE_TIMEOUT, docker_host: str | None = No
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:200]
+    return first_line(error)[:200]  # the Docker SDK's messages can run long
 
 
 def remove_container(container_id: str, docker_host: str | None = None) -> None:

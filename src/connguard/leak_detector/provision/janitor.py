@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import ProvisionError, database_of, mask_password, with_database
+from . import ProvisionError, database_of, first_line, mask_password, with_database
 
 DATABASE_RECORD_TTL = 7 * 24 * 3600  # seconds
 
@@ -32,14 +32,8 @@ def connect_admin(url: str, timeout: float = 5.0):
         return psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout)))
     except psycopg.Error as error:
         raise ProvisionError(
-            f"cannot connect to {mask_password(url)}: {_first_line(error)}"
+            f"cannot connect to {mask_password(url)}: {first_line(error)}"
         ) from None
-
-
-def _first_line(error: Exception) -> str:
-    # A ProvisionError is one line; the server's DETAIL and HINT lines follow the first.
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def server_facts(url: str) -> tuple[str, int]:
@@ -67,12 +61,12 @@ def create_database(admin_url: str, dbname: str, template: str | None = None) ->
             # The url backend's usual stumble: a CI service's app role made without CREATEDB.
             role = conn.info.user
             raise ProvisionError(
-                f"cannot create database {dbname}: {_first_line(error)}; connguard creates a "
+                f"cannot create database {dbname}: {first_line(error)}; connguard creates a "
                 f"database per run, so the role {role} needs CREATEDB "
                 f"(ALTER ROLE {role} CREATEDB)"
             ) from None
         except psycopg.Error as error:
-            raise ProvisionError(f"cannot create database {dbname}: {_first_line(error)}") from None
+            raise ProvisionError(f"cannot create database {dbname}: {first_line(error)}") from None
 
 
 def drop_databases(admin_url: str, dbnames: list[str]) -> None:
