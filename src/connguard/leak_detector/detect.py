@@ -28,7 +28,6 @@ Registered by plugin.py only with --leak-check. Per test:
 from __future__ import annotations
 
 import gc
-import os
 import threading
 import weakref
 from dataclasses import asdict
@@ -852,14 +851,12 @@ class LeakDetector:
                 workeroutput[_PROPERTY] = found
         if session.exitstatus == pytest.ExitCode.OK and self._late_failures():
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        path = settings.resolve(self.config, "leak_check_report")
-        if not path or hasattr(self.config, "workerinput"):
+        target = settings.report_path(self.config)
+        if target is None or hasattr(self.config, "workerinput"):
             return
-        base = str(self.config.invocation_params.dir)
-        target = path if os.path.isabs(path) else os.path.join(base, path)
         write_report(
             session,
-            target,
+            str(target),
             self.outcomes,
             {
                 "tests_with_leaks": sorted(

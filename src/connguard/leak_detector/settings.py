@@ -366,16 +366,21 @@ def validate_all(config: pytest.Config) -> None:
     _check_report_path(config)
 
 
+def report_path(config: pytest.Config) -> Path | None:
+    """Where the JSON report goes (relative to where pytest was invoked), or None for none."""
+    path = resolve(config, "leak_check_report")
+    return Path(config.invocation_params.dir, path) if path else None
+
+
 def _check_report_path(config: pytest.Config) -> None:
     # The report is written after the last test: a path that cannot take it should stop the
     # run now, not throw away its results.
-    setting = SETTINGS["leak_check_report"]
-    path = resolve(config, setting.name)
-    if not path:
+    target = report_path(config)
+    if target is None:
         return
-    problem = _unwritable(Path(config.invocation_params.dir, path))
+    problem = _unwritable(target)
     if problem:
-        source = next(_raw_sources(config, setting))[1]
+        source = next(_raw_sources(config, SETTINGS["leak_check_report"]))[1]
         raise pytest.UsageError(f"{source}: cannot write the report there: {problem}")
 
 
