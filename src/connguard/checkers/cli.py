@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from connguard.checkers.config import (
     Config,
@@ -16,6 +17,9 @@ from connguard.checkers.config import (
     load_config,
     parse_codes,
 )
+
+if TYPE_CHECKING:
+    from connguard.checkers.findings import Finding
 
 PROG = "check-async-resources"
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -188,11 +192,16 @@ def _read_stdin() -> str:
         raise UsageError(f"stdin: cannot decode: {exc}") from None
 
 
-def _emit(args: argparse.Namespace, findings: list, successful: bool) -> None:
+def _emit(
+    args: argparse.Namespace, findings: list, successful: bool, notes: dict | None = None
+) -> None:
+    """Print `findings` in the chosen format; `notes`: text to add to some (text format)."""
     from connguard.checkers import output
 
     if args.format == "sarif":
         sys.stdout.write(output.format_sarif(findings, successful=successful))
+    elif notes:
+        sys.stdout.write(output.format_text(findings, notes))
     else:
         sys.stdout.write(output.FORMATTERS[args.format](findings))
     if args.statistics:
@@ -240,7 +249,8 @@ def _run_fix(args: argparse.Namespace, config: Config, selection: Selection | No
     paths = args.paths or ["."]
     changed = 0
     remaining: list = []
-    declined_lines: list[str] = []
+    # What the fixer left, in order: (finding, why it was not fixed), or (None, a file's line)
+    left: list[tuple[Finding | None, str]] = []
     if "-" in paths:
         if len(paths) > 1:
             raise UsageError("'-' (stdin) cannot be combined with other paths")
@@ -255,8 +265,7 @@ def _run_fix(args: argparse.Namespace, config: Config, selection: Selection | No
         changed += outcome.source != source
         remaining = engine.check_source(outcome.source, name, config)
         # --fix prints the fixed text: positions are that text's; --diff's are the input's.
-        declined = outcome.declined if args.diff else fixes.declined_after(outcome, remaining)
-        declined_lines += [f"{f.text()} (not fixed: {why})" for f, why in declined]
+        left += outcome.declined if args.diff else fixes.declined_after(outcome, remaining)
     else:
         from connguard.checkers.discovery import PathError, collect_files
 
@@ -271,7 +280,7 @@ def _run_fix(args: argparse.Namespace, config: Config, selection: Selection | No
             try:
                 outcome = fixes.fix_file(path, file_config, write=not args.diff)
             except (OSError, ValueError) as exc:
-                declined_lines.append(f"{path}:1:1: not fixed: cannot read: {exc}")
+                left.append((None, f"{path}:1:1: not fixed: cannot read: {exc}"))
                 remaining += engine.check_file(path, file_config)
                 continue
             if outcome.source != (
@@ -285,34 +294,29 @@ def _run_fix(args: argparse.Namespace, config: Config, selection: Selection | No
             # Every position printed is one of the file as the run leaves it on disk: --diff
             # writes nothing, so the fixer's own (pre-fix) positions; --fix, the re-check's.
             if args.diff:
-                declined = outcome.declined
+                left += outcome.declined
                 remaining += engine.check_source(outcome.source, path, file_config)
             else:
                 after = engine.check_file(path, file_config)
-                declined = fixes.declined_after(outcome, after)
+                left += fixes.declined_after(outcome, after)
                 remaining += after
-            declined_lines += [f"{f.text()} (not fixed: {why})" for f, why in declined]
     remaining = sorted(remaining)
-    listed = not args.diff and "-" not in paths  # stdout lists what is left
-    if listed and args.format == "text":
-        # One line per finding left, with why it was not fixed, as ruff prints it: the reasons
-        # stay off stderr, where they would repeat what stdout says.
-        reasons = {line.split(" (not fixed: ")[0]: line for line in declined_lines}
-        declined_lines = [line for line in declined_lines if line not in reasons.values()]
-        sys.stdout.write("".join(reasons.get(f.text(), f.text()) + "\n" for f in remaining))
-        if args.statistics:
-            from connguard.checkers import output
-
-            sys.stdout.write(output.format_statistics(remaining))
-        left = len(reasons) + len(declined_lines)
-    else:
-        left = len(declined_lines)
-        if listed:
-            _emit(args, remaining, successful=not any(f.code == "CG999" for f in remaining))
-    for line in declined_lines:
-        print(line, file=sys.stderr)
+    notes: dict = {}
+    if not args.diff and "-" not in paths:  # stdout lists what is left
+        if args.format == "text":
+            # Each finding left once, with why it was not fixed, as ruff prints it (not again
+            # on stderr).
+            notes = {finding: why for finding, why in left if finding is not None}
+        _emit(
+            args, remaining, successful=not any(f.code == "CG999" for f in remaining), notes=notes
+        )
+    for finding, why in left:
+        if finding is None:
+            print(why, file=sys.stderr)
+        elif finding not in notes:
+            print(f"{finding.text()} (not fixed: {why})", file=sys.stderr)
     verb = "would fix" if args.diff else "fixed"
-    print(f"{verb} {changed} file(s); {left} finding(s) left for a person", file=sys.stderr)
+    print(f"{verb} {changed} file(s); {len(left)} finding(s) left for a person", file=sys.stderr)
     report = engine.Report(
         findings=[f for f in remaining if f.code != "CG999"],
         errors=[f for f in remaining if f.code == "CG999"],

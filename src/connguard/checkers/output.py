@@ -22,8 +22,13 @@ ENGINE_RULES = {
 }
 
 
-def format_text(findings: Sequence[Finding]) -> str:
-    return "".join(f.text() + "\n" for f in findings)
+def format_text(findings: Sequence[Finding], not_fixed: Mapping[Finding, str] | None = None) -> str:
+    """One line per finding; `not_fixed`: why --fix left some of them, said at their end."""
+    not_fixed = not_fixed or {}
+    return "".join(
+        f.text() + (f" (not fixed: {not_fixed[f]})" if f in not_fixed else "") + "\n"
+        for f in findings
+    )
 
 
 def format_json(findings: Sequence[Finding]) -> str:
