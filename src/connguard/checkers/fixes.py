@@ -583,10 +583,8 @@ class _Release:
         )
 
     def is_statement(self, stmt: cst.CSTNode) -> bool:
-        if not isinstance(stmt, cst.SimpleStatementLine) or len(stmt.body) != 1:
-            return False
-        small = stmt.body[0]
-        return isinstance(small, cst.Expr) and self.is_call(small.value)
+        call = _sole_call(stmt)
+        return call is not None and self.is_call(call)
 
     def is_forget(self, stmt: cst.CSTNode) -> bool:
         """`name = None` or `del name`: the handle dropped without closing the resource."""
@@ -611,20 +609,27 @@ class _Release:
         body = stmt.finalbody.body.body
         return len(body) == 1 and self.is_statement(body[0])
 
-    def discards(self, stmt: cst.CSTNode) -> str | None:
-        """The method of a release statement (or `finally`) that is not what the end of an
-        `async with` does: `invalidate()`/`terminate()` throw the connection away, where the
-        block would close it or give it back to its pool as it is."""
-        if isinstance(stmt, cst.Try) and stmt.finalbody is not None:
-            stmt = stmt.finalbody.body.body[0]
-        expr = stmt.body[0].value if isinstance(stmt, cst.SimpleStatementLine) else None
-        if isinstance(expr, cst.Await):
-            expr = expr.expression
-        if isinstance(expr, cst.Call) and isinstance(expr.func, cst.Attribute):
-            method = expr.func.attr.value
-            if method in _DISCARDING:
-                return method
+
+def _sole_call(stmt: cst.CSTNode) -> cst.Call | None:
+    """The call a statement is made of, awaited or not (`await x.close()`), if nothing else."""
+    if not isinstance(stmt, cst.SimpleStatementLine) or len(stmt.body) != 1:
         return None
+    small = stmt.body[0]
+    expr = small.value if isinstance(small, cst.Expr) else None
+    if isinstance(expr, cst.Await):
+        expr = expr.expression
+    return expr if isinstance(expr, cst.Call) else None
+
+
+def _discarded_by(release: cst.CSTNode) -> str | None:
+    """The method of a release statement that is not what the end of an `async with` does:
+    `invalidate()`/`terminate()` throw the connection away, where the block would close it or
+    give it back to its pool as it is."""
+    call = _sole_call(release)
+    if call is not None and isinstance(call.func, cst.Attribute):
+        if call.func.attr.value in _DISCARDING:
+            return call.func.attr.value
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -860,9 +865,6 @@ _PER_ITEM = (cst.ListComp, cst.SetComp, cst.DictComp, cst.GeneratorExp, cst.Lamb
 def _comments_of(stmt: cst.CSTNode) -> list[cst.EmptyLine]:
     """The comment lines above a statement and the comment on its own line, as lines; empty
     when it has none (blank lines alone are not kept)."""
-    if isinstance(stmt, cst.Try):  # a `finally` that only released: its comments too
-        inner = stmt.finalbody.body.body[0] if stmt.finalbody is not None else stmt
-        return _comments_of(inner) if inner is not stmt else []
     lines = list(getattr(stmt, "leading_lines", ()))
     trailing = getattr(stmt, "trailing_whitespace", None)
     if trailing is not None and trailing.comment is not None:
@@ -919,19 +921,14 @@ def _commits_anyway(call: cst.Call, body: Sequence[cst.CSTNode], name: str) -> b
             and arg.value.value == "True"
         ):
             return True
-    last = body[-1] if body else None
-    if isinstance(last, cst.SimpleStatementLine) and len(last.body) == 1:
-        expr = last.body[0].value if isinstance(last.body[0], cst.Expr) else None
-        if isinstance(expr, cst.Await):
-            expr = expr.expression
-        return (
-            isinstance(expr, cst.Call)
-            and isinstance(expr.func, cst.Attribute)
-            and expr.func.attr.value == "commit"
-            and isinstance(expr.func.value, cst.Name)
-            and expr.func.value.value == name
-        )
-    return False
+    last = _sole_call(body[-1]) if body else None
+    return (
+        last is not None
+        and isinstance(last.func, cst.Attribute)
+        and last.func.attr.value == "commit"
+        and isinstance(last.func.value, cst.Name)
+        and last.func.value.value == name
+    )
 
 
 def _unawaited_escape(name: cst.CSTNode, parent_of: Any) -> str | None:
@@ -1059,8 +1056,13 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
     forget_at = [i for i, s in enumerate(rest) if release.is_forget(s)]
     if len(release_at) > 1:
         raise Declined(f"`{name}` is released in more than one place")
+    # The release statement itself: for a `try` whose `finally` only releases, that statement.
+    releasing: cst.CSTNode | None = None
     if release_at:
-        discarded = release.discards(rest[release_at[0]])
+        releasing = rest[release_at[0]]
+        if isinstance(releasing, cst.Try) and releasing.finalbody is not None:
+            releasing = releasing.finalbody.body.body[0]
+        discarded = _discarded_by(releasing)
         if discarded:
             raise Declined(
                 f"`{name}.{discarded}()` throws the connection away; the end of `async with` "
@@ -1150,7 +1152,7 @@ def _rewrite(module: cst.Module, finding: Finding, ctx: _Context) -> cst.Module:
     if release_at and not kept_forget:
         # The release goes, its comments stay: above what follows it, or at the end of the
         # new block when nothing does (a comment on the release's own line included).
-        comments = _comments_of(rest[release_at[0]])
+        comments = _comments_of(releasing)
         if comments and after:
             after[0] = after[0].with_changes(leading_lines=[*comments, *after[0].leading_lines])
         elif comments:
