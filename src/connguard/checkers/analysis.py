@@ -2682,9 +2682,7 @@ class FunctionAnalysis:
                     ex.catches_cancellation(handler) or _releases(start, result)
                 ):
                     caught_all = True
-            elif ex.is_catch_all_handler(handler):
-                caught_all = True
-        if not caught_all and not synthetic:
+        if not caught_all and not synthetic:  # (with nothing in, nothing goes on either)
             flow.exc.extend(exc_in)
         if stmt.orelse is not None:
             flow.absorb(self.exec_block(stmt.orelse.body, body.normal) if body.normal else Flow())
