@@ -515,9 +515,9 @@ class Ledger:
 
     def _sa_connect(self, dbapi_connection: Any, rec: Any) -> None:
         pid = _backend_pid(getattr(rec, "driver_connection", None) or dbapi_connection)
-        info = self._sa_pool_info(rec)
         if pid is None:
             return  # no PostgreSQL backend (SQLite, say): nothing a server keeps open
+        info = self._sa_pool_info(rec)
         if info is not None:
             info.live += 1  # (counted down in _sa_forget, by pid)
         self._sa_pid[id(dbapi_connection)] = pid
