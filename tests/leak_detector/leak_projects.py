@@ -32,6 +32,9 @@ leak_check_url_env = DATABASE_URL
 # fixture): a connection in a transaction for the whole test, rolled back at teardown.
 # For a run that must ask the server after every test, as for a server on another host.
 ASK_EVERY_TEST = "--leak-check-server-proof=off"
+# A command prefix that runs pytest in a PID namespace of its own, whose /proc cannot show the
+# server's processes: as for a server on another host, only this process's own side is seen.
+OUT_OF_SIGHT = ("unshare", "--map-root-user", "--pid", "--fork", "--mount-proc")
 
 ROLLED_BACK = """
 
@@ -477,12 +480,14 @@ def run(
     *args: str,
     timeout: float = 180,
     backend: tuple[str, ...] | None = None,
+    prefix: tuple[str, ...] = (),
 ):
     """pytest --leak-check on `project`, in a fresh interpreter, on the given server.
 
     With `server_url` None the run starts its own local cluster (--leak-check-db=local), whose
     connection log lets the detector skip the per-test server query when nothing changed.
-    `backend`, when given, are the options that choose the server instead.
+    `backend`, when given, are the options that choose the server instead; `prefix`, a
+    command to run pytest under (OUT_OF_SIGHT).
     """
     env = {
         name: value
@@ -496,7 +501,8 @@ def run(
             else ("--leak-check-db=url", f"--leak-check-db-url={server_url}")
         )
     command = [
-        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--leak-check", *backend, *args,
+        *prefix, sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--leak-check",
+        *backend, *args,
     ]  # fmt: skip
     return subprocess.run(
         command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout

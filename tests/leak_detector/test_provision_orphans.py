@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
+from leak_projects import OUT_OF_SIGHT
 from provision_helpers import (
     TEST_WAITS,
     connguard_temp_dirs,
@@ -87,3 +90,25 @@ def test_kill_9_then_the_next_run_reaps(waiting_project, pytester):
     assert result.returncode == 0, result.stdout + result.stderr
     _assert_nothing_left(facts)
     assert facts["root"] not in connguard_temp_dirs()
+
+
+def test_a_run_in_another_pid_namespace_reaps_nothing_alive(waiting_project):
+    # A run whose /proc cannot show this one (in a container of its own, or a PID namespace,
+    # sharing the temporary directory) sees no process with the owner's pid, or another one:
+    # it must not take a live run's server and directory for a dead run's.
+    started = waiting_project / "started.json"
+    process = start_waiting_run(waiting_project, started, "--leak-check-db=local")
+    try:
+        facts = json.loads(started.read_text())
+        reap = "from connguard.leak_detector.provision.janitor import reap_stale; reap_stale()"
+        result = subprocess.run(
+            [*OUT_OF_SIGHT, sys.executable, "-c", reap], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert os.path.exists(facts["root"])
+        assert postgres_processes_under(facts["root"]) != []
+        assert records_of(facts["pid"]) != []
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
+    _assert_nothing_left(facts)

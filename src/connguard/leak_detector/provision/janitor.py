@@ -2,7 +2,7 @@
 
 Every server, temporary directory, container and database a run creates is recorded as a small
 JSON file in one registry directory, with the owning process (pid and start time, since pids are
-reused). A later run reaps records whose owner is gone. psycopg is imported only when a database
+reused, and its PID namespace). A later run reaps records whose owner is gone. psycopg is imported only when a database
 is touched, so the plugin stays import-free without --leak-check.
 """
 
@@ -114,14 +114,31 @@ def process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace ("pid:[4026531836]"), where the kernel tells it."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def owner_alive(record: dict) -> bool:
+    if record.get("owner_pidns", _pid_namespace()) != _pid_namespace():
+        # Its pid means another process here, or none: from this namespace (a container's,
+        # say, sharing the temporary directory) the owner cannot be told dead.
+        return True
     start = process_start(int(record["owner_pid"]))
     return start is not None and start == record.get("owner_start")
 
 
 def register(tag: str, **facts) -> Path:
     """Record something this process owns; returns the record's path (remove it when done)."""
-    record = {"owner_pid": os.getpid(), "owner_start": process_start(os.getpid()), **facts}
+    record = {
+        "owner_pid": os.getpid(),
+        "owner_start": process_start(os.getpid()),
+        "owner_pidns": _pid_namespace(),
+        **facts,
+    }
     path = registry_dir() / f"{tag}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
