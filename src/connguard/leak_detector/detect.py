@@ -11,10 +11,13 @@ Registered by plugin.py only with --leak-check. Per test:
    after the fixtures let go. It is skipped when the server's connection log (local backend,
    container backend on a Linux engine of this machine) or, for a url server on this machine
    (in a container too), the postmaster's children in the process table prove that no backend
-   came or went, unless --leak-check-server-proof=off (see _server_unchanged, and
-   observer.ConnectionLog and observer.PostmasterChildren). Without
-   such a proof, a snapshot held back is sent as soon as the last of those connections is back
-   in its pool (SQLAlchemy, asyncpg, psycopg_pool) during the teardown.
+   came or went; or, for a server out of this machine's sight, when this process's own
+   descriptors prove that none of its connections did (and the run's last test asks, for
+   clients outside this process tree); unless --leak-check-server-proof=off (see
+   _server_unchanged, and observer.ConnectionLog, observer.PostmasterChildren and
+   observer.OwnDescriptors). Without such a proof, a snapshot held back is sent as soon as the
+   last of those connections is back in its pool (SQLAlchemy, asyncpg, psycopg_pool) during
+   the teardown.
 3. after the test's function-scoped fixtures are finalized, and before any wider-scoped fixture
    is: the test's open records, plus checkouts whose proxy the garbage collector reclaimed, plus
    backends that appeared on the server that the ledger cannot explain, are its leaks.
@@ -27,8 +30,10 @@ Registered by plugin.py only with --leak-check. Per test:
 
 from __future__ import annotations
 
+import bisect
 import gc
 import threading
+import time
 import weakref
 from dataclasses import asdict
 from typing import Any
@@ -55,13 +60,24 @@ ALLOW_MARKER = "allow_connection_leak"
 _PROPERTY = "connguard_leak_check"
 
 
-def _unseen_leak(backend: Backend, owner: str) -> Leak:
+_UNSEEN = (
+    "a backend of this run's database appeared during the test and no wrapped driver call "
+    "opened it (an unwrapped driver, a subprocess, or a connect function bound before "
+    "--leak-check)"
+)
+# Found by a later snapshot (see LeakDetector._by_start_time).
+_FROM_OUTSIDE = (
+    "a backend of this run's database started during the test, opened by no process of this "
+    "test run (another host, or a process that left it); the server is out of this machine's "
+    "sight, so a later snapshot found it"
+)
+
+
+def _unseen_leak(backend: Backend, owner: str, note: str = _UNSEEN) -> Leak:
     leak = Leak(
         kind="database connection (not seen by the client ledger)",
         owner=owner,
-        note="a backend of this run's database appeared during the test and "
-        "no wrapped driver call opened it (an unwrapped driver, a "
-        "subprocess, or a connect function bound before --leak-check)",
+        note=note,
     )
     fill_backend(leak, backend)
     return leak
@@ -147,6 +163,13 @@ class LeakDetector:
         self._marked_ids: set[str] = set()  # tests with @pytest.mark.leak_check, from collection
         self._unchanged_at_call = False
         self._pools_at_begin = 0
+        # With a proof blind to clients outside this process tree (observer.OwnDescriptors):
+        # when each test since the last snapshot began (time.time(), nodeid), to blame what a
+        # snapshot finds by its start time; and whether this test, the run's last, must look.
+        self._starts: list[tuple[float, str]] = []
+        self._queries_at_begin = 0
+        self._last_look = False
+        self._blind = False
         self._thread = threading.get_ident()  # where pytest runs the tests
         self.ledger: Ledger | None = None
         self.observer: Observer | None = None
@@ -161,9 +184,15 @@ class LeakDetector:
                 details.get("connection_log"),
                 details.get("connection_log_gone_after"),
                 prove=settings.resolve(config, "leak_check_server_proof") == "auto",
+                # Each test's database is dropped right after it, and with it whatever a
+                # client outside this process tree left there, before a later snapshot
+                # could see it: only a proof that sees every client will do.
+                own_side=not settings.resolve(config, "leak_check_db_per_test"),
             )
         except ObserverError as error:
             raise pytest.UsageError(f"connguard: {error}") from None
+        proof = self.observer.proof
+        self._blind = proof is not None and not proof.sees_every_client
         self.ledger = Ledger(lambda: self._global_owner)
         self.ledger.install()
 
@@ -233,6 +262,10 @@ class LeakDetector:
         self._item_outcomes = []
         self._task_held = []
         self._unchanged_at_call = False
+        self._last_look = False
+        if self._blind:
+            self._starts.append((time.time(), item.nodeid))
+            self._queries_at_begin = self.observer.queries
         self.ledger.on_returned = None
         self._pools_at_begin = len(self.ledger.pools)
         for info in self.ledger.pools:
@@ -346,6 +379,11 @@ class LeakDetector:
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None):
         if self.ledger is None:
             return (yield)
+        if nextitem is None and self._blind:
+            # The run's last test: a client outside this process tree may have opened a
+            # backend since the last snapshot, which only the server can show.
+            self._last_look = True
+            self._unchanged_at_call = False
         if self._item is item and not self._registered:
             # No fixture was set up for this test, so nothing function-scoped to wait for.
             self._check_item()
@@ -485,6 +523,8 @@ class LeakDetector:
                 new = set(snapshot) - set(self._before) - leaked_pids
                 if new:
                     snapshot, unexplained = self._explain(new, snapshot, label)
+                if unexplained and len(self._starts) > 1:
+                    unexplained = self._by_start_time(unexplained, nodeid)
                 if not fresh and (leaked or self._newly_idle_in_transaction(snapshot)):
                     snapshot = observer.snapshot()
             if self._deferred:
@@ -563,15 +603,17 @@ class LeakDetector:
 
         Only with a proof that no backend came or went (observer.proof): the server's connection
         log (local and container backends), or the postmaster's children in this machine's
-        process table (a url server on this machine, in a container or not). What could change
-        without a backend coming or going is a backend's state; that takes a connection in use,
-        so the ledger must hold none, and every backend of the last snapshot must be an idle
-        connection resting in a pool, outside a transaction.
+        process table (a url server on this machine, in a container or not); or, out of sight
+        of the server, that none of this process's came or went (its own descriptors), except
+        after the run's last test, which looks for what a client outside opened. What could
+        change without a backend coming or going is a backend's state; that takes a connection
+        in use, so the ledger must hold none, and every backend of the last snapshot must be an
+        idle connection resting in a pool, outside a transaction.
         """
         observer = self.observer
         proof = observer.proof
         ledger = self.ledger
-        if proof is None or ledger.reclaimed or self._task_held:
+        if proof is None or ledger.reclaimed or self._task_held or self._last_look:
             return False
         if ledger.open and ledger.holds_any():
             return False
@@ -610,6 +652,30 @@ class LeakDetector:
             snapshot = self.observer.wait_gone(unknown, unknown_now)
             unknown = set(filter(unknown_now, unknown))
         return snapshot, [snapshot[pid] for pid in sorted(unknown) if pid in snapshot]
+
+    def _by_start_time(self, backends: list[Backend], current: str) -> list[Backend]:
+        """Of these unexplained backends, those that started while this test ran; the others
+        are leaks of the tests that were running when they started, found now.
+
+        Only with a proof blind to clients outside this process tree (observer.OwnDescriptors),
+        which let the tests since the last snapshot skip it: such a backend is seen by the
+        first snapshot asked for after it started, maybe tests later.
+        """
+        started = self.observer.started({backend.pid for backend in backends})
+        starts = self._starts
+        times = [at for at, _ in starts]
+        mine, earlier = [], []
+        for backend in backends:
+            at = started.get(backend.pid)
+            index = len(starts) - 1 if at is None else max(bisect.bisect_right(times, at) - 1, 0)
+            owner = starts[index][1]
+            if owner == current:
+                mine.append(backend)
+            else:
+                earlier.append(_unseen_leak(backend, owner, _FROM_OUTSIDE))
+        if earlier:
+            self._item_outcomes += _surfaced(earlier, current)
+        return mine
 
     def _newly_idle_in_transaction(self, snapshot: dict[int, Backend]) -> list[Backend]:
         """Backends idle in a transaction that were not, in that state, before the test."""
@@ -763,6 +829,9 @@ class LeakDetector:
             return report
         outcomes, self._item_outcomes = self._item_outcomes, []
         self._before = self.observer.last or {}
+        if self._blind and self.observer.queries != self._queries_at_begin:
+            # A snapshot since this test began: what started before it, it has seen.
+            self._starts = self._starts[-1:]
         if not outcomes:
             return report
         mode = self._setting("leak_check_mode", item)

@@ -13,6 +13,7 @@ import socket
 import struct
 import sys
 import time
+from stat import S_ISSOCK
 from typing import NamedTuple
 
 # Our database ($1), and the per-test clones named after it (--leak-check-db-per-test).
@@ -31,6 +32,13 @@ _STATEMENT = b"connguard_snapshot"
 _OTHERS = (
     b"SELECT pid FROM pg_stat_activity WHERE pid = ANY($2::int[]) AND NOT ("
     b"backend_type = 'client backend' AND (datname IS NULL OR " + _OURS + b"))"
+)
+
+
+_STARTED = (
+    b"SELECT pid, extract(epoch FROM backend_start)::float8, "
+    b"extract(epoch FROM clock_timestamp())::float8 "
+    b"FROM pg_stat_activity WHERE pid = ANY($1::int[])"
 )
 
 
@@ -80,6 +88,7 @@ class ConnectionLog(_FileProof):
     """
 
     kind = "connection log"
+    sees_every_client = True
 
     def __init__(self, path: str, dbname: str, gone_after: float | None = None) -> None:
         self._fd = os.open(path, os.O_RDONLY)
@@ -182,6 +191,7 @@ class PostmasterChildren(_FileProof):
     """
 
     kind = "process table"
+    sees_every_client = True
 
     def __init__(self, postmaster: int, observer_pid: int, others, translate: bool = False) -> None:
         self._fd = os.open(f"/proc/{postmaster}/task/{postmaster}/children", os.O_RDONLY)
@@ -305,6 +315,133 @@ class PostmasterChildren(_FileProof):
 _LISTING = 1 << 16
 
 
+class OwnDescriptors:
+    """This process's own descriptors and children: a proof, read from /proc/self/fd, that no
+    connection of this test process came or went.
+
+    For a server whose side of things this machine cannot see (on another host, or in a
+    container whose processes its process table does not show). Every connection this process
+    opens, through any driver (libpq's in C too), is a socket among its descriptors; one a
+    child process opens is not, so a process with a child proves nothing. When each socket
+    among its descriptors is one it had just before the last snapshot was asked for, or is no
+    server connection (a TCP socket, or a PostgreSQL Unix socket), and there is no child, this
+    process tree has opened nothing that snapshot did not list. Other descriptors come and go
+    freely: an event loop's self-pipe, say, made and closed by every test that has a loop of
+    its own. A socket is known by its inode, not its descriptor's number: a new connection
+    given the number of one closed since is still new.
+
+    What it cannot see is a client outside this process tree (a process on another host, or
+    one that detached from its parent): such a backend is seen by the next snapshot that is
+    asked for, at the latest after the run's last test, and blamed by its start time (see
+    detect.LeakDetector._by_start_time).
+    """
+
+    kind = "file descriptors"
+    sees_every_client = False
+    _DIR = "/proc/self/fd"
+
+    def __init__(self) -> None:
+        self._asked: set[int] | None = None
+        self._proven: set[int] | None = None  # the sockets when the last snapshot was asked for
+        self._server: dict[int, bool] = {}  # a socket's inode -> whether it may be a connection
+
+    @classmethod
+    def attach(cls) -> OwnDescriptors | None:
+        """The proof, where this platform lists a process's descriptors and waits without
+        reaping (Linux)."""
+        if not sys.platform.startswith("linux") or not hasattr(os, "waitid"):
+            return None
+        try:
+            os.listdir(cls._DIR)
+        except OSError:
+            return None
+        return cls()
+
+    def unchanged(self) -> bool:
+        """No server connection came since the last snapshot was asked for, and no child
+        process can have opened one."""
+        proven = self._proven
+        if proven is None:
+            return False
+        fstat, is_socket = os.fstat, S_ISSOCK
+        for name in os.listdir(self._DIR):
+            try:
+                found = fstat(int(name))
+            except OSError:  # closed since the listing (the listing's own, for one)
+                continue
+            if (
+                is_socket(found.st_mode)
+                and found.st_ino not in proven
+                and self._may_connect(found.st_ino, int(name))
+            ):
+                return False
+        return not _has_children()
+
+    def read(self) -> None:
+        """Call it just before asking for a snapshot."""
+        sockets = set()
+        try:
+            for name in os.listdir(self._DIR):
+                try:
+                    found = os.fstat(int(name))
+                except OSError:
+                    continue
+                if S_ISSOCK(found.st_mode):
+                    sockets.add(found.st_ino)
+        except OSError:
+            self._asked = None
+            return
+        self._asked = sockets
+
+    def listed(self, pids) -> None:
+        """A snapshot asked for after the last read was stored."""
+        self._proven, self._asked = self._asked, None
+
+    def close(self) -> None:
+        pass
+
+    def _may_connect(self, inode: int, fd: int) -> bool:
+        known = self._server.get(inode)
+        if known is None:
+            if len(self._server) > 4096:
+                self._server.clear()
+            known = self._server[inode] = _is_server_socket(fd)
+        return known
+
+
+def _is_server_socket(fd: int) -> bool:
+    """Whether socket `fd` may be a database connection: TCP, or a PostgreSQL Unix socket."""
+    if socket.getdefaulttimeout() is not None:
+        # Wrapping the socket would make it non-blocking, under another owner's feet.
+        return True
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # closed, or not a socket any more
+        return True
+    try:
+        family = sock.family
+        if family in (socket.AF_INET, socket.AF_INET6):
+            return sock.type == socket.SOCK_STREAM
+        if family == socket.AF_UNIX:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                return False  # not connected: a listening socket, no client of a server
+            return isinstance(peer, str) and ".s.PGSQL." in peer
+        return False
+    finally:
+        sock.detach()
+
+
+def _has_children() -> bool:
+    """Whether this process has a child, running or not yet reaped (nothing is reaped here)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
 def _stat(pid: int) -> list[bytes]:
     """The fields of /proc/PID/stat after the command (in parentheses, and it may hold any
     byte): the 3rd field of proc(5) is [0]."""
@@ -384,6 +521,7 @@ class Observer:
         connection_log: str | None = None,
         log_gone_after: float | None = None,
         prove: bool = True,
+        own_side: bool = True,
     ) -> None:
         import psycopg
 
@@ -414,7 +552,7 @@ class Observer:
             )
         # What proves, without a round trip, that no backend came or went (see
         # detect._server_unchanged); without one, every test asks the server.
-        self.proof: ConnectionLog | PostmasterChildren | None = None
+        self.proof: ConnectionLog | PostmasterChildren | OwnDescriptors | None = None
         if not prove:
             return
         if connection_log is not None:
@@ -426,6 +564,8 @@ class Observer:
             self.proof = PostmasterChildren.attach(
                 self._pgconn, self.pid, self._others, (connecting, connected)
             )
+        if self.proof is None and own_side:  # a server out of sight: what this process does
+            self.proof = OwnDescriptors.attach()
 
     def send(self) -> None:
         """Ask for a snapshot now and collect it later: the round trip overlaps pytest's work."""
@@ -495,11 +635,33 @@ class Observer:
 
     def _others(self, pids: set[int]) -> set[int]:
         """Which of `pids` are server processes that can never be client backends of ours."""
-        array = ("{" + ",".join(map(str, pids)) + "}").encode()
-        result = self._pgconn.exec_params(_OTHERS, [self._dbname, array])
+        result = self._pgconn.exec_params(_OTHERS, [self._dbname, _int_array(pids)])
         if result.error_message:
             raise ObserverError(result.error_message.decode(errors="replace").strip())
         return {int(result.get_value(row, 0)) for row in range(result.ntuples)}
+
+    def started(self, pids: set[int]) -> dict[int, float]:
+        """When these backends started, on this machine's clock (time.time()); ended ones are
+        left out. The server's clock is read in the same query, so the two need not agree."""
+        if self._pending:
+            self.collect()
+        if self.broken is not None:
+            return {}
+        before = time.time()
+        try:
+            result = self._pgconn.exec_params(_STARTED, [_int_array(pids)])
+        except Exception as error:
+            self._broke(error)
+            return {}
+        after = time.time()
+        if result.error_message:
+            return {}
+        found = {}
+        for row in range(result.ntuples):
+            # The query ran about halfway through the round trip.
+            offset = float(result.get_value(row, 2)) - (before + after) / 2
+            found[int(result.get_value(row, 0))] = float(result.get_value(row, 1)) - offset
+        return found
 
     def _broke(self, error: BaseException) -> None:
         # The server went away: from here on the ledger decides alone.
@@ -540,6 +702,11 @@ class Observer:
             self._conn.close()
         except Exception:
             pass
+
+
+def _int_array(values) -> bytes:
+    """A PostgreSQL int[] literal, as a text parameter."""
+    return ("{" + ",".join(map(str, values)) + "}").encode()
 
 
 def _text(value: bytes | None) -> str | None:

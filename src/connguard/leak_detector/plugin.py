@@ -85,6 +85,18 @@ def _register_detector(config: pytest.Config, database, server) -> None:
     config.pluginmanager.register(LeakDetector(config, database, server), "connguard-leak-detector")
 
 
+def _proof_of(config: pytest.Config) -> str:
+    """What lets tests skip the server round trip, for the header ("" on the xdist controller,
+    whose workers each have their own)."""
+    detector = config.pluginmanager.get_plugin("connguard-leak-detector")
+    observer = getattr(detector, "observer", None)
+    if observer is None:
+        return ""
+    if observer.proof is None:
+        return "server asked after every test, "
+    return f"server proof: {observer.proof.kind}, "
+
+
 def _run_of(config: pytest.Config) -> LeakCheckRun | None:
     return config.stash.get(RUN_KEY, None)
 
@@ -298,7 +310,7 @@ class LeakCheckRun:
         where = self.database.masked_url if self.database else server.masked_url
         return (
             f"connguard: leak check on, backend {server.backend}{extra}, "
-            f"PostgreSQL {server.version}, mode {mode}, {where}"
+            f"PostgreSQL {server.version}, mode {mode}, {_proof_of(config)}{where}"
         )
 
     @pytest.hookimpl(trylast=True)

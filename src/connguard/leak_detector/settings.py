@@ -193,8 +193,9 @@ SETTINGS: dict[str, Setting] = {
             choice("auto", "off"),
             "auto",
             "auto: skip the per-test pg_stat_activity query when the server's connection log "
-            "or its processes on this machine prove no connection came or went; off: ask the "
-            "server after every test, as for a server on another host",
+            "or its processes on this machine prove no connection came or went (for a server "
+            "out of sight: when this process's own descriptors prove none of its connections "
+            "did); off: ask the server after every test",
             metavar="auto|off",
         ),
         Setting(
