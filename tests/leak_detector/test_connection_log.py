@@ -269,7 +269,7 @@ def test_no_process_table_proof_for_a_server_out_of_sight(local_server):
 DESCRIPTORS = """
 import os, socket, subprocess, sys, time
 import psycopg
-from connguard.leak_detector.observer import OwnDescriptors
+from connguard.leak_detector.observer import _QUICK, OwnDescriptors
 
 url, socket_dir, host, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 seen = []
@@ -299,15 +299,29 @@ seen.append(proof.unchanged())  # closed again: a backend that goes away is no l
 with psycopg.connect(url, host=socket_dir):
     seen.append(proof.unchanged())
 # A connection of the last snapshot closed, and a new one given the same descriptor number:
-# the listing is the same, the socket is not.
+# the listing is the same, the socket is not. The number of descriptors is the same too, so
+# it is the next full look that sees it, after at most _QUICK counts stood in for one.
 first = socket.create_connection((host, port))
 proof = proven()
 seen.append(proof.unchanged())
 second = socket.create_connection((host, port))
 os.dup2(second.fileno(), first.fileno())  # closes the first, reuses its number
 second.close()
-seen.append(proof.unchanged())
+looks = [proof.unchanged() for _ in range(_QUICK + 1)]
+seen.append(looks[-1])
+seen.append(looks.index(False) <= _QUICK)
 first.close()
+# Once a count is seen to be clean, it stands in for a full look: a connection opened as
+# another descriptor is closed is found at the next full look.
+proof = proven()
+assert proof.unchanged()
+spare = os.open(os.devnull, os.O_RDONLY)
+proof = proven()
+os.close(spare)
+third = socket.create_connection((host, port))
+looks = [proof.unchanged() for _ in range(_QUICK + 1)]
+seen.append(False in looks)
+third.close()
 # A child could open a connection of its own, until it is reaped.
 proof = proven()
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -336,7 +350,9 @@ def test_own_descriptors_see_every_server_connection_and_nothing_else(local_serv
         "True",  # closed again
         "False",  # a connection over the server's Unix socket
         "True",  # a fresh proof, with a connection of its own
-        "False",  # that connection's descriptor number, now another socket's
+        "False",  # that connection's descriptor number, now another socket's: seen...
+        "True",  # ... within _QUICK + 1 looks
+        "True",  # a connection opened as a file was closed: seen at a full look
         "False",  # a child runs
         "False",  # a child ended, not reaped
         "True",  # reaped

@@ -2,8 +2,8 @@
 
 Every server, temporary directory, container and database a run creates is recorded as a small
 JSON file in one registry directory, with the owning process (pid and start time, since pids are
-reused, and its PID namespace). A later run reaps records whose owner is gone. psycopg is imported only when a database
-is touched, so the plugin stays import-free without --leak-check.
+reused, and its PID namespace). A later run reaps records whose owner is gone. psycopg is
+imported only when a database is touched, so the plugin stays import-free without --leak-check.
 """
 
 from __future__ import annotations
