@@ -10,6 +10,7 @@ from leak_projects import (
     CONFTEST,
     INI_AUTO_SESSION,
     INI_STRICT_FUNCTION,
+    OUT_OF_SIGHT,
     TEST_CLEAN,
     TEST_FUNCTION_LOOP,
     TEST_LEAKY,
@@ -40,15 +41,23 @@ def server_url():
 
 
 # How each kind of run may skip the server round trip (the report's server_proof).
-PROOFS = {"asked": None, "url": "process table", "local": "connection log"}
+PROOFS = {
+    "asked": None,
+    "url": "process table",
+    "local": "connection log",
+    "remote": "file descriptors",
+}
 
 
-def _server_of(kind: str, server_url: str) -> tuple[str | None, tuple[str, ...]]:
-    """The server of a run of this kind (None: its own local cluster), and its options."""
+def _server_of(kind: str, server_url: str) -> tuple[str | None, tuple[str, ...], tuple[str, ...]]:
+    """The server of a run of this kind (None: its own local cluster), its options, and the
+    command pytest runs under ("remote": where this machine's process table cannot show the
+    server, as for one on another host)."""
     return {
-        "asked": (server_url, (ASK_EVERY_TEST,)),
-        "url": (server_url, ()),
-        "local": (None, ()),
+        "asked": (server_url, (ASK_EVERY_TEST,), ()),
+        "url": (server_url, (), ()),
+        "local": (None, (), ()),
+        "remote": (server_url, (), OUT_OF_SIGHT),
     }[kind]
 
 
@@ -77,8 +86,8 @@ def leaky_run(request, server_url, tmp_path_factory):
         tmp_path_factory.mktemp("leaky"), INI_AUTO_SESSION,
         conftest=CONFTEST, test_leaky=TEST_LEAKY,
     )  # fmt: skip
-    url, options = _server_of(request.param, server_url)
-    result = run(project, url, "--leak-check-report=report.json", "-rA", *options)
+    url, options, prefix = _server_of(request.param, server_url)
+    result = run(project, url, "--leak-check-report=report.json", "-rA", *options, prefix=prefix)
     report = load_report(project / "report.json")
     assert report["server_proof"] == PROOFS[request.param]
     return project, result, report
@@ -518,13 +527,20 @@ def clean_project(tmp_path_factory):
         ("asked", ("-p", "xdist", "-n", "2")),
         ("local", ()),
         ("local", ("-p", "xdist", "-n", "2")),
+        ("remote", ()),
+        ("remote", ("-p", "xdist", "-n", "2")),
     ],
-    ids=["serial", "xdist-n2", "asked-serial", "asked-xdist-n2", "local-serial", "local-xdist-n2"],
-)
+    ids=[
+        "serial", "xdist-n2", "asked-serial", "asked-xdist-n2", "local-serial", "local-xdist-n2",
+        "remote-serial", "remote-xdist-n2",
+    ],
+)  # fmt: skip
 def test_clean_suite_passes(server_url, clean_project, backend, extra, tmp_path):
     report_path = tmp_path / "report.json"
-    url, options = _server_of(backend, server_url)
-    result = run(clean_project, url, f"--leak-check-report={report_path}", *options, *extra)
+    url, options, prefix = _server_of(backend, server_url)
+    result = run(
+        clean_project, url, f"--leak-check-report={report_path}", *options, *extra, prefix=prefix
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "16 passed" in result.stdout
     assert "connguard: " in result.stdout  # the header: the check really ran
