@@ -376,13 +376,16 @@ class OwnDescriptors(_FileProof):
         if proven is None:
             return False
         counts = self._counts
-        count = os.fstat(self._fd).st_size
-        left = counts.get(count)
-        if left:
-            counts[count] = left - 1
-        elif self._new_connection(proven):
+        try:
+            count = os.fstat(self._fd).st_size
+            left = counts.get(count)
+            if left:
+                counts[count] = left - 1
+            elif self._new_connection(proven):
+                return False
+        except OSError:  # out of descriptors, say: nothing can be proven now
             return False
-        elif self._counted:
+        if not left and self._counted:  # a full look found this count clean
             if len(counts) >= 4:
                 del counts[next(iter(counts))]
             counts[count] = _QUICK
@@ -390,9 +393,9 @@ class OwnDescriptors(_FileProof):
 
     def read(self) -> None:
         """Call it just before asking for a snapshot."""
-        count = os.fstat(self._fd).st_size
         sockets = set()
         try:
+            count = os.fstat(self._fd).st_size
             for name in os.listdir(self._DIR):
                 try:
                     found = os.fstat(int(name))
