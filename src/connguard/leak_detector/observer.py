@@ -393,20 +393,11 @@ class OwnDescriptors(_FileProof):
 
     def read(self) -> None:
         """Call it just before asking for a snapshot."""
-        sockets = set()
         try:
             count = os.fstat(self._fd).st_size
-            for name in os.listdir(self._DIR):
-                try:
-                    found = os.fstat(int(name))
-                except OSError:
-                    continue
-                if S_ISSOCK(found.st_mode):
-                    sockets.add(found.st_ino)
+            self._asked = ({inode for inode, _ in self._sockets()}, count)
         except OSError:
             self._asked = None
-            return
-        self._asked = (sockets, count)
 
     def listed(self, pids) -> None:
         """A snapshot asked for after the last read was stored."""
@@ -419,21 +410,23 @@ class OwnDescriptors(_FileProof):
         if self._counted:
             self._counts[count] = _QUICK
 
-    def _new_connection(self, proven: set[int]) -> bool:
-        """Whether a descriptor is a socket that may be a server connection, and not proven."""
+    def _sockets(self):
+        """(inode, descriptor) of each socket among this process's descriptors."""
         fstat, is_socket = os.fstat, S_ISSOCK
         for name in os.listdir(self._DIR):
+            fd = int(name)
             try:
-                found = fstat(int(name))
+                found = fstat(fd)
             except OSError:  # closed since the listing (the listing's own, for one)
                 continue
-            if (
-                is_socket(found.st_mode)
-                and found.st_ino not in proven
-                and self._may_connect(found.st_ino, int(name))
-            ):
-                return True
-        return False
+            if is_socket(found.st_mode):
+                yield found.st_ino, fd
+
+    def _new_connection(self, proven: set[int]) -> bool:
+        """Whether a descriptor is a socket that may be a server connection, and not proven."""
+        return any(
+            inode not in proven and self._may_connect(inode, fd) for inode, fd in self._sockets()
+        )
 
     def _may_connect(self, inode: int, fd: int) -> bool:
         known = self._server.get(inode)

@@ -123,7 +123,8 @@ def _pid_namespace() -> str | None:
 
 
 def owner_alive(record: dict) -> bool:
-    if record.get("owner_pidns", _pid_namespace()) != _pid_namespace():
+    ours = _pid_namespace()
+    if record.get("owner_pidns", ours) != ours:
         # Its pid means another process here, or none: from this namespace (a container's,
         # say, sharing the temporary directory) the owner cannot be told dead.
         return True
